@@ -1,0 +1,429 @@
+"""Typed configuration: nested dataclasses, merged ``defaults <- YAML <- CLI`` and validated.
+
+Every field has a default, so a YAML file only names what it changes. An unknown key or a
+value of the wrong type fails with a :class:`ConfigError` naming the dotted key path and value::
+
+    cfg = load_config("configs/demo.yaml", overrides=["model.fusion.num_heads=4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key path and the value."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ProjectorConfig:
+    hidden_dim: int = 4096
+    """Hidden width of the projector MLP (the spec's 4096). Input/output dims come from the models."""
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        _check(self.hidden_dim > 0, "hidden_dim", self.hidden_dim, "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class FusionConfig:
+    enabled: bool = True
+    """False gives the 'simple concatenation' baseline: projector tokens only."""
+    num_heads: int = 8
+    ffn_mult: int = 4
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        _check(self.num_heads > 0, "num_heads", self.num_heads, "must be > 0")
+        _check(self.ffn_mult > 0, "ffn_mult", self.ffn_mult, "must be > 0")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class ModelConfig:
+    base: str = "tiny-blip2-opt"
+    """A preset name (``tiny-blip2-opt``, ``tiny-blip2-t5``, ``tiny-llava``), a hub name or a local path."""
+    audio_encoder: str = "tiny-clap"
+    """``tiny-clap``, ``tiny-whisper``, a hub name (laion/clap-htsat-unfused, openai/whisper-large-v3) or a path."""
+    arch: str | None = None
+    """Architecture file shipped in ``safe_av/presets`` (e.g. ``blip2-opt-2.7b``) used by ``safe info`` offline."""
+    audio_arch: str | None = None
+    num_audio_tokens: int = 8
+    """Audio tokens per clip after masked temporal pooling of the encoder output."""
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Storage dtype of the frozen base and encoder weights; trainable parts stay fp32."""
+    load_in: Literal["none", "8bit", "4bit"] = "none"
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    tiny_seed: int = 0
+
+    def __post_init__(self):
+        _check(self.num_audio_tokens > 0, "num_audio_tokens", self.num_audio_tokens, "must be > 0")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    root: str = "runs/data/synthetic"
+    """Folder holding one sub-folder per dataset (layouts in the README)."""
+    synthetic: bool = False
+    """Write the synthetic corpus to ``root`` when it is absent (the demo)."""
+    synth_seed: int = 0
+    synth_size: Literal["small", "default"] = "default"
+    max_audio_seconds: float = 10.0
+    max_text_length: int = 512
+    num_workers: int = 0
+    augment: bool = True
+    feature_cache: str | None = None
+    """Folder of the frozen audio-feature cache (``safe data cache``); None computes features on line."""
+    vqa_dataset: str = "vqav2"
+    avqa_dataset: str = "musicavqa"
+    caption_dataset: str = "audiocaps"
+    eval_split: str = "val"
+
+    def __post_init__(self):
+        _check(self.max_audio_seconds > 0, "max_audio_seconds", self.max_audio_seconds, "must be > 0")
+        _check(0 < self.max_text_length <= 4096, "max_text_length", self.max_text_length, "must be in (0, 4096]")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+
+
+# ----------------------------------------------------------------------------- training
+
+PHASE_PARTS = ("projector", "fusion", "base", "lora")
+
+
+@dataclass
+class PhaseConfig:
+    name: str = "phase"
+    train: list[str] = field(default_factory=lambda: ["projector"])
+    """Which parts train: any of projector, fusion, base (the modules in ``unfreeze``), lora."""
+    lr: dict[str, float] = field(default_factory=lambda: {"projector": 1e-4})
+    """Learning rate per trained part."""
+    unfreeze: list[str] = field(default_factory=list)
+    """Base sub-modules trained when ``base`` is in ``train`` (e.g. ``qformer``, ``language_projection``)."""
+    datasets: dict[str, float] = field(default_factory=lambda: {"audiocaps": 1.0})
+    """Dataset name -> sampling weight."""
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    curriculum: bool = False
+    """Drive audio ratio, difficulty and loss weights from the curriculum in this phase."""
+    audio_ratio: float = 1.0
+    """Fraction of audio-bearing samples per batch when the curriculum is off."""
+
+    def __post_init__(self):
+        for part in self.train:
+            _check(part in PHASE_PARTS, "train", part, f"must be one of {PHASE_PARTS}")
+        for part, lr in self.lr.items():
+            _check(part in PHASE_PARTS, f"lr.{part}", part, f"must be one of {PHASE_PARTS}")
+            _check(lr > 0, f"lr.{part}", lr, "must be > 0")
+        _check(self.epochs > 0, "epochs", self.epochs, "must be > 0")
+        _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        _check(0.0 <= self.audio_ratio <= 1.0, "audio_ratio", self.audio_ratio, "must be in [0, 1]")
+
+
+def _default_phases() -> list[PhaseConfig]:
+    # The spec's "Multi-Phase Training Strategy".
+    return [
+        PhaseConfig("projector_warmup", ["projector"], {"projector": 1e-4}, [], {"audiocaps": 1.0}, 2, None, 32),
+        PhaseConfig("fusion", ["projector", "fusion"], {"projector": 5e-5, "fusion": 1e-4}, [],
+                    {"musicavqa": 1.0}, 3, None, 16, True),
+        PhaseConfig("end_to_end", ["projector", "fusion"], {"projector": 1e-5, "fusion": 5e-6}, [],
+                    {"musicavqa": 0.6, "audiocaps": 0.2, "vqav2": 0.2}, 3, None, 8, True),
+    ]
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 3.0
+    retention: bool = True
+    distillation: bool = True
+    fisher: bool = True
+    fisher_batches: int = 16
+    fisher_path: str | None = None
+    """Precomputed Fisher (``safe fisher``); computed at the start of training when absent."""
+    task_only: bool = False
+    """Naive fine-tuning: task loss only (ignores retention/distillation/fisher)."""
+
+    def __post_init__(self):
+        _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    audio_ratio: float = 0.25
+    difficulties: list[str] = field(default_factory=lambda: ["easy"])
+    alpha: float = 1.0
+    beta: float = 0.1
+    gamma: float = 0.5
+    delta: float = 0.1
+
+    def __post_init__(self):
+        _check(0.0 <= self.audio_ratio <= 1.0, "audio_ratio", self.audio_ratio, "must be in [0, 1]")
+        for d in self.difficulties:
+            _check(d in ("easy", "medium", "hard"), "difficulties", d, "must be easy, medium or hard")
+
+
+def _default_stages() -> list[StageConfig]:
+    return [
+        StageConfig("foundation", 0.25, ["easy"], 1.0, 0.1, 0.5, 0.1),
+        StageConfig("development", 0.50, ["easy", "medium"], 1.0, 0.3, 0.7, 0.2),
+        StageConfig("advanced", 0.75, ["medium", "hard"], 1.0, 0.5, 0.5, 0.3),
+        StageConfig("mastery", 1.00, ["easy", "medium", "hard"], 1.0, 0.7, 0.3, 0.5),
+    ]
+
+
+@dataclass
+class CurriculumConfig:
+    enabled: bool = True
+    stages: list[StageConfig] = field(default_factory=_default_stages)
+    retention_threshold: float = 0.95
+    audio_accuracy_threshold: float = 0.70
+    loss_cv_threshold: float = 0.10
+    loss_window: int = 20
+    min_stage_steps: int = 10
+    max_stage_steps: int = 1000
+    eval_every: int = 50
+    eval_samples: int = 64
+    adaptive: bool = True
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    restart_epochs: float = 2.0
+    min_lr: float = 1e-6
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        _check(len(self.betas) == 2, "betas", self.betas, "must be two numbers")
+        _check(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be >= 1")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+
+
+@dataclass
+class PretrainConfig:
+    """Trains a *tiny* base VL model on the VQA set first, so it has VL ability worth keeping."""
+
+    enabled: bool = False
+    epochs: float = 10.0
+    lr: float = 3e-3
+    batch_size: int = 32
+    cache_dir: str = "runs/cache/base"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    phases: list[PhaseConfig] = field(default_factory=_default_phases)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    best_metric: str = "eval/avqa_accuracy"
+    log_every: int = 10
+    max_nonfinite: int = 5
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 8
+    max_samples: int | None = None
+
+
+@dataclass
+class SAFEConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Convert ``value`` (from YAML) to type ``tp``, or raise naming ``path``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}={value!r}: invalid")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}={value!r}: must be one of {list(choices)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r}: expected a mapping")
+        return from_dict(tp, value, path)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}={value!r}: expected a list")
+        return [_coerce(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r}: expected a mapping")
+        return {_coerce(kt, k, f"{path}.{k}"): _coerce(vt, v, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r}: expected a string")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(hints[key], value, full)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        if k.isdigit() and isinstance(node, list):
+            node = node[int(k)]
+            continue
+        if k not in node or not isinstance(node[k], (dict, list)):
+            node[k] = {}
+        node = node[k]
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{dotted}: index {last!r} out of range")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SAFEConfig:
+    """Defaults <- YAML file <- ``key.path=value`` overrides; validated."""
+    data: dict = to_dict(SAFEConfig())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        _merge_check(data, loaded, "", path)
+        data = _deep_merge(data, loaded)
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return from_dict(SAFEConfig, data)
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def _merge_check(defaults: dict, loaded: dict, prefix: str, path: Path) -> None:
+    for k in loaded:
+        if isinstance(defaults, dict) and defaults and k not in defaults and not prefix.endswith(("lr", "datasets")):
+            known = ", ".join(sorted(defaults))
+            raise ConfigError(f"{path}: {prefix}{k}: unknown key (known: {known})")
+
+
+def _deep_merge(base: Any, new: Any) -> Any:
+    if isinstance(base, dict) and isinstance(new, dict):
+        out = dict(base)
+        for k, v in new.items():
+            # dict-valued fields that are maps of user names (lr, datasets) replace rather than merge
+            out[k] = _deep_merge(base[k], v) if k in base and k not in ("lr", "datasets") else v
+        return out
+    return new
+
+
+def save_config(cfg: SAFEConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_to_yaml(cfg: SAFEConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,140 @@
+"""Adapters over transformers' BLIP-2 and LLaVA: vision path, token embeddings, language model.
+
+SAFE never re-implements these models: it asks them for visual tokens
+(``get_image_features``), embeds text with their own embedding table and calls their language
+model with ``inputs_embeds`` - exactly what their own ``forward`` does once the image
+placeholders are filled, which is why the no-audio path matches the plain model bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+    """(B, T, V) - for encoder-decoder models, over the decoder positions."""
+    hidden: torch.Tensor
+    """(B, T, D) last hidden states at the same positions."""
+
+
+class BaseVL(nn.Module):
+    """A frozen BLIP-2 (OPT or FlanT5) or LLaVA (Llama/Vicuna) model seen through one interface.
+
+    Args:
+        model: ``Blip2ForConditionalGeneration`` or ``LlavaForConditionalGeneration``.
+        processor: its processor (image processor + tokenizer).
+    """
+
+    def __init__(self, model: nn.Module, processor):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        cfg = model.config
+        if isinstance(model, Blip2ForConditionalGeneration):
+            self.family = "blip2"
+            self.is_encoder_decoder = not cfg.use_decoder_only_language_model
+            self.num_image_tokens = cfg.num_query_tokens
+        elif isinstance(model, LlavaForConditionalGeneration):
+            self.family = "llava"
+            self.is_encoder_decoder = False
+            vc = cfg.vision_config
+            n = (vc.image_size // vc.patch_size) ** 2
+            self.num_image_tokens = n + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+        else:
+            raise ValueError(f"base model {type(model).__name__} is not supported "
+                             "(Blip2ForConditionalGeneration, LlavaForConditionalGeneration)")
+        self.image_token_id = int(cfg.image_token_index)
+        self.hidden_size = model.get_input_embeddings().embedding_dim
+        self.vocab_size = model.get_output_embeddings().out_features
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def image_processor(self):
+        return self.processor.image_processor
+
+    @property
+    def family_name(self) -> str:
+        return "blip2-t5" if self.is_encoder_decoder else ("blip2-opt" if self.family == "blip2" else "llava")
+
+    @property
+    def padding_side(self) -> str:
+        # decoder-only: left padding, so answers end at the same position; encoder-decoder: right.
+        return "right" if self.is_encoder_decoder else "left"
+
+    def train(self, mode: bool = True):
+        # The base stays in eval mode (no dropout) even when parts of it are unfrozen: SAFE's phase 3
+        # tunes a few modules of a pretrained model whose dropout the teacher must not see.
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def vision_modules(self) -> dict[str, nn.Module]:
+        """Named modules of the visual path that phase 3 may unfreeze."""
+        if self.family == "blip2":
+            return {"vision_model": self.model.vision_model, "qformer": self.model.qformer,
+                    "language_projection": self.model.language_projection}
+        return {"vision_tower": self.model.model.vision_tower,
+                "multi_modal_projector": self.model.model.multi_modal_projector}
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L, D) with the language model's own embedding table."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, V, D) visual tokens in the language model's space."""
+        if self.family == "blip2":
+            return self.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        cfg = self.model.config
+        feats = self.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True,
+        ).pooler_output
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    def language_model(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *,
+                       labels: torch.Tensor | None = None) -> LMOutput:
+        """Run the language model on embeddings.
+
+        Args:
+            inputs_embeds: (B, L, D); for encoder-decoder models the encoder input.
+            attention_mask: (B, L).
+            labels: encoder-decoder only: (B, T) decoder targets (the decoder input is them shifted right).
+        """
+        if self.is_encoder_decoder:
+            lm = self.model.language_model
+            out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+                     output_hidden_states=True, return_dict=True)
+            return LMOutput(logits=out.logits, hidden=out.decoder_hidden_states[-1])
+        # Positions from the mask, so a left-padded row sees the same positions as it would unpadded.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.family == "blip2":
+            out = self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                            position_ids=position_ids, output_hidden_states=True,
+                                            return_dict=True)
+        else:
+            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                             output_hidden_states=True, return_dict=True)
+        return LMOutput(logits=out.logits, hidden=out.hidden_states[-1])
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Greedy (by default) generation from embeddings; returns only the new token ids (B, T_new)."""
+        kwargs.setdefault("do_sample", False)
+        tok = self.tokenizer
+        kwargs.setdefault("pad_token_id", tok.pad_token_id)
+        kwargs.setdefault("eos_token_id", tok.eos_token_id)
+        if self.is_encoder_decoder or self.family == "blip2":
+            return self.model.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                                      **kwargs)
+        return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)

@@ -1,0 +1,409 @@
+"""SAFEModel: a frozen VL model + a frozen audio encoder + the small trainable audio adapter.
+
+Per sample the language-model input is ``[visual tokens][audio tokens][text tokens]``. The
+tokenizer carries ``<image>`` and ``<audio>`` placeholders (expanded to V and K copies by
+:class:`safe_av.data.text.SAFEProcessor`); this module fills them with visual tokens from the
+base model's own vision path and with projected (and fused) audio tokens. A sample without
+audio has no ``<audio>`` placeholders, so its input is exactly the base model's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from safe_av.models.audio_encoders import AudioEncoder, masked_pool
+from safe_av.models.base_vl import BaseVL
+from safe_av.models.fusion import FusionLayer
+from safe_av.models.presets import AUDIO_TOKEN
+from safe_av.models.projector import AudioProjector
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class SAFEOutput:
+    loss: torch.Tensor | None
+    """Mean token cross-entropy over the answer tokens (None without labels)."""
+    logits: torch.Tensor
+    """(B, T, V) logits over the language model's (decoder) positions."""
+    hidden: torch.Tensor
+    """(B, T, D) last hidden states at the same positions."""
+    token_logits: torch.Tensor | None = None
+    """(B, T', V) logits aligned with ``token_labels`` (shifted for decoder-only models)."""
+    token_labels: torch.Tensor | None = None
+    """(B, T') targets, -100 where no loss is taken."""
+    token_hidden: torch.Tensor | None = None
+    """(B, T', D) hidden states aligned with ``token_labels``."""
+    visual_tokens: torch.Tensor | None = None
+    """(N_img, V, D) visual tokens from the base's vision path."""
+    attention: torch.Tensor | None = None
+    """(N_audio, K, V) fusion attention weights, when requested."""
+
+
+class SAFEModel(nn.Module):
+    """Composition of a :class:`BaseVL`, an :class:`AudioEncoder`, an :class:`AudioProjector` and an
+    optional :class:`FusionLayer`. Trainability is set by keyword flags, never by subclassing.
+
+    Args:
+        base: the frozen VL model.
+        audio_encoder: the frozen audio encoder.
+        num_audio_tokens: K, audio tokens per clip.
+        projector_hidden: projector MLP width.
+        projector_dropout: projector dropout.
+        fusion: build the fusion layer (False: the "simple concatenation" baseline).
+        fusion_heads, fusion_ffn_mult, fusion_dropout: fusion layer shape.
+        projector_trainable, fusion_trainable: whether these train now.
+        unfreeze: names of base sub-modules to train (e.g. ``qformer``, ``multi_modal_projector``).
+        lora: a ``peft.LoraConfig`` to inject LoRA adapters into the language model (trainable).
+    """
+
+    def __init__(self, base: BaseVL, audio_encoder: AudioEncoder, *, num_audio_tokens: int = 8,
+                 projector_hidden: int = 4096, projector_dropout: float = 0.1, fusion: bool = True,
+                 fusion_heads: int = 8, fusion_ffn_mult: int = 4, fusion_dropout: float = 0.1,
+                 projector_trainable: bool = True, fusion_trainable: bool = True,
+                 unfreeze: list[str] | tuple[str, ...] = (), lora=None):
+        super().__init__()
+        self.base = base
+        self.audio_encoder = audio_encoder
+        self.num_audio_tokens = num_audio_tokens
+        self.audio_token_id = self._register_audio_token(base.tokenizer)
+        with torch.no_grad():
+            emb = base.model.get_input_embeddings().weight
+            emb_rms = float(emb.float().pow(2).mean().sqrt())
+        self.projector = AudioProjector(audio_encoder.output_dim, base.hidden_size, hidden_dim=projector_hidden,
+                                        dropout=projector_dropout, output_scale=emb_rms)
+        self.fusion = (FusionLayer(base.hidden_size, num_heads=fusion_heads, ffn_mult=fusion_ffn_mult,
+                                   dropout=fusion_dropout) if fusion else None)
+        self.lora_config = lora
+        if lora is not None:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(lora, self.base.model.language_model)
+        self._arch = dict(num_audio_tokens=num_audio_tokens, projector_hidden=projector_hidden,
+                          projector_dropout=projector_dropout, fusion=fusion, fusion_heads=fusion_heads,
+                          fusion_ffn_mult=fusion_ffn_mult, fusion_dropout=fusion_dropout)
+        self.anchors: dict[str, torch.Tensor] = {}
+        self.set_trainable(projector=projector_trainable, fusion=fusion_trainable, unfreeze=unfreeze,
+                           lora=lora is not None)
+
+    # ------------------------------------------------------------------ set-up
+
+    @staticmethod
+    def _register_audio_token(tokenizer) -> int:
+        if AUDIO_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AUDIO_TOKEN], special_tokens=True)
+        return int(tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
+
+    def _base_module(self, name: str) -> nn.Module:
+        named = self.base.vision_modules()
+        if name in named:
+            return named[name]
+        try:
+            return self.base.model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"unfreeze: {name!r} is not a module of the base model (try one of "
+                             f"{', '.join(named)} or a dotted sub-module name)") from None
+
+    def set_trainable(self, *, projector: bool, fusion: bool, unfreeze=(), lora: bool = False) -> None:
+        """Set ``requires_grad`` by composition: only the named parts train.
+
+        Unfrozen base modules get an anchor copy of their current weights (θ*), used by EWC and to
+        call the teacher with the original weights.
+        """
+        self.requires_grad_(False)
+        self.projector.requires_grad_(projector)
+        if self.fusion is not None:
+            self.fusion.requires_grad_(fusion)
+        elif fusion:
+            raise ValueError("fusion_trainable=True but the model was built without a fusion layer")
+        self.unfrozen = list(unfreeze)
+        for name in self.unfrozen:
+            module = self._base_module(name)
+            module.requires_grad_(True)
+            prefix = self._qualified(module)
+            for pname, p in module.named_parameters():
+                key = f"{prefix}.{pname}"
+                if key not in self.anchors:
+                    self.anchors[key] = p.detach().clone()
+        if lora:
+            for name, p in self.base.model.language_model.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
+
+    def _qualified(self, module: nn.Module) -> str:
+        for name, m in self.named_modules():
+            if m is module:
+                return name
+        raise ValueError("module is not part of this model")
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Name -> parameter for everything that trains now."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Trainable parameter names by part: projector, fusion, base, lora."""
+        groups: dict[str, list[str]] = {"projector": [], "fusion": [], "base": [], "lora": []}
+        for n in self.trainable_parameters():
+            part = ("projector" if n.startswith("projector.") else "fusion" if n.startswith("fusion.")
+                    else "lora" if "lora_" in n else "base")
+            groups[part].append(n)
+        return groups
+
+    # ------------------------------------------------------------------ audio
+
+    def encode_audio(self, audio: torch.Tensor, audio_valid_frac: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder + masked pooling: (N, ...) features -> (N, K, D_audio). No gradient."""
+        out = self.audio_encoder(audio, audio_valid_frac)
+        return masked_pool(out.tokens, out.mask, self.num_audio_tokens).float()
+
+    def audio_tokens(self, audio_features: torch.Tensor, visual: torch.Tensor | None, has_visual: torch.Tensor,
+                     *, need_weights: bool = False):
+        """Projector (+ fusion with the sample's visual tokens): (N, K, D_audio) -> (N, K, D_lm)."""
+        tokens = self.projector(audio_features)
+        weights = None
+        if self.fusion is not None and visual is not None:
+            fused = self.fusion(tokens, visual, has_visual, need_weights=need_weights)
+            tokens, weights = fused if need_weights else (fused, None)
+        return tokens, weights
+
+    # ------------------------------------------------------------------ forward
+
+    def _strip_audio(self, input_ids, attention_mask, labels):
+        """Drop ``<audio>`` placeholders and re-pad each row to the same length on the padding side.
+
+        Decoder-only rows are left-padded, so text and answer keep their positions (right-aligned):
+        student and teacher logits line up position by position.
+        """
+        keep = input_ids != self.audio_token_id
+        if keep.all():
+            return input_ids, attention_mask, labels
+        key = keep.int() if self.base.padding_side == "left" else (~keep).int()
+        order = torch.argsort(key, dim=1, stable=True)
+        ids = input_ids.gather(1, order)
+        kept = keep.gather(1, order)
+        pad = self.base.tokenizer.pad_token_id
+        ids = ids.masked_fill(~kept, pad)
+        mask = attention_mask.gather(1, order).masked_fill(~kept, 0)
+        if labels is not None and not self.base.is_encoder_decoder:
+            labels = labels.gather(1, order).masked_fill(~kept, -100)
+        return ids, mask, labels
+
+    def build_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     labels: torch.Tensor | None = None, images: torch.Tensor | None = None,
+                     has_images: torch.Tensor | None = None, audio: torch.Tensor | None = None,
+                     audio_valid_frac: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
+                     has_audio: torch.Tensor | None = None, *, use_audio: bool = True,
+                     audio_permutation: torch.Tensor | None = None, need_attention: bool = False,
+                     **_unused) -> dict:
+        """Assemble the language model's input embeddings for a collated batch.
+
+        Args:
+            input_ids: (B, L) with ``<image>`` x V and ``<audio>`` x K placeholders.
+            attention_mask: (B, L).
+            labels: (B, L) for decoder-only models, (B, T) decoder targets for encoder-decoder; -100 = no loss.
+            images: (N_img, 3, H, W) pixel values of the samples with ``has_images``.
+            has_images: (B,) bool.
+            audio: (N_audio, ...) encoder input features of the samples with ``has_audio``.
+            audio_valid_frac: (N_audio,) fraction of the encoder time axis holding real audio.
+            audio_features: (N_audio, K, D_audio) cached encoder outputs (instead of ``audio``).
+            has_audio: (B,) bool.
+            use_audio: False drops the audio tokens (the teacher's and the "audio removed" view).
+            audio_permutation: (N_audio,) reorders the clips across samples ("audio shuffled").
+            need_attention: also return the fusion attention weights.
+
+        Returns:
+            dict with ``embeds`` (B, L', D), ``attention_mask``, ``labels``, ``visual`` (N_img, V, D) or None,
+            ``attention`` (N_audio, K, V) or None.
+        """
+        b, device = input_ids.shape[0], input_ids.device
+        has_images = has_images if has_images is not None else torch.zeros(b, dtype=torch.bool, device=device)
+        has_audio = has_audio if has_audio is not None else torch.zeros(b, dtype=torch.bool, device=device)
+        if not use_audio:
+            input_ids, attention_mask, labels = self._strip_audio(input_ids, attention_mask, labels)
+        # step 1: text embeddings (placeholders embed as padding; they are overwritten below)
+        placeholder = (input_ids == self.audio_token_id) | (input_ids == self.base.image_token_id)
+        embeds = self.base.embed_tokens(input_ids.masked_fill(placeholder, self.base.tokenizer.pad_token_id))
+        # step 2: visual tokens from the base model's own vision path
+        visual = None
+        if images is not None and bool(has_images.any()):
+            visual = self.base.image_features(images.to(embeds.dtype))  # (N_img, V, D)
+            embeds = self._fill(embeds, input_ids == self.base.image_token_id, visual, "<image>")
+        # step 3: audio tokens (projector, then fusion with the same sample's visual tokens)
+        attention = None
+        if use_audio and bool(has_audio.any()):
+            if audio_features is None:
+                if audio is None:
+                    raise ValueError("has_audio is set but the batch has neither 'audio' nor 'audio_features'")
+                audio_features = self.encode_audio(audio, audio_valid_frac)
+            if audio_permutation is not None:
+                audio_features = audio_features[audio_permutation]
+            vis_for_audio, has_vis = self._visual_for_audio(visual, has_images, has_audio)
+            tokens, attention = self.audio_tokens(audio_features.float(), vis_for_audio, has_vis,
+                                                  need_weights=need_attention)
+            embeds = self._fill(embeds, input_ids == self.audio_token_id, tokens, AUDIO_TOKEN)
+        return dict(embeds=embeds, attention_mask=attention_mask, labels=labels, visual=visual,
+                    attention=attention)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                **batch) -> SAFEOutput:
+        """Run SAFE on a collated batch (see :meth:`build_inputs` for the arguments)."""
+        inputs = self.build_inputs(input_ids, attention_mask, labels, **batch)
+        labels = inputs["labels"]
+        # step 4: the frozen language model
+        out = self.base.language_model(inputs["embeds"], inputs["attention_mask"], labels=labels)
+        token_logits, token_labels, token_hidden, loss = out.logits, labels, out.hidden, None
+        if labels is not None:
+            if not self.base.is_encoder_decoder:  # position t predicts token t+1
+                token_logits, token_labels, token_hidden = out.logits[:, :-1], labels[:, 1:], out.hidden[:, :-1]
+            loss = F.cross_entropy(token_logits.float().reshape(-1, token_logits.shape[-1]),
+                                   token_labels.reshape(-1), ignore_index=-100)
+        return SAFEOutput(loss=loss, logits=out.logits, hidden=out.hidden, token_logits=token_logits,
+                          token_labels=token_labels, token_hidden=token_hidden, visual_tokens=inputs["visual"],
+                          attention=inputs["attention"])
+
+    @staticmethod
+    def _fill(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor, what: str) -> torch.Tensor:
+        n_slots, n_tokens = int(where.sum()), tokens.shape[0] * tokens.shape[1]
+        if n_slots != n_tokens:
+            raise ValueError(f"{what}: the batch has {n_slots} placeholder tokens but {n_tokens} "
+                             f"{what} embeddings ({tokens.shape[0]} x {tokens.shape[1]}); check has_images/has_audio")
+        return embeds.masked_scatter(where.unsqueeze(-1), tokens.to(embeds.dtype))
+
+    @staticmethod
+    def _visual_for_audio(visual, has_images, has_audio):
+        """Visual tokens of each audio-bearing sample: (N_audio, V, D) and (N_audio,) bool."""
+        has_vis = has_images[has_audio]
+        if visual is None:
+            return None, has_vis
+        row = (torch.cumsum(has_images.long(), 0) - 1).clamp(min=0)[has_audio]  # image row of each audio sample
+        return visual[row], has_vis  # rows of samples without an image are masked by has_vis
+
+    # ------------------------------------------------------------------ teacher
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """LoRA adapters off inside the block (peft's own switch)."""
+        if self.lora_config is None:
+            yield
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.modules() if isinstance(m, BaseTunerLayer)]
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.enable_adapters(True)
+
+    @torch.no_grad()
+    def teacher_forward(self, batch: dict) -> SAFEOutput:
+        """The original VL model's outputs, from this same module (DESIGN invariant 4).
+
+        Audio dropped, LoRA adapters disabled, unfrozen base modules called with their anchor
+        (original) weights through ``torch.func.functional_call`` - no second copy of the model.
+        """
+        kwargs = dict(batch, use_audio=False)
+        with self.adapters_disabled():
+            if self.anchors:
+                return torch.func.functional_call(self, self.anchors, args=(), kwargs=kwargs, strict=False)
+            return self(**kwargs)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate_from_batch(self, batch: dict, *, max_new_tokens: int = 8, use_audio: bool = True,
+                            audio_permutation: torch.Tensor | None = None) -> list[str]:
+        """Greedy answers for a collated batch (built without answers)."""
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = self.build_inputs(**batch, use_audio=use_audio, audio_permutation=audio_permutation)
+        new = self.base.generate(inputs["embeds"], inputs["attention_mask"], max_new_tokens=max_new_tokens)
+        return [s.strip() for s in self.base.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate(self, images: list, audio: list, prompts: list[str], *, processor=None,
+                 max_new_tokens: int = 8) -> list[str]:
+        """Answer ``prompts`` about images (PIL or None) and audio (waveform arrays at the encoder's rate,
+        file paths, or None)."""
+        from safe_av.data.text import SAFEProcessor
+
+        processor = processor or SAFEProcessor.from_model(self)
+        batch = processor.batch_from_raw(images, audio, prompts)
+        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        return self.generate_from_batch(batch, max_new_tokens=max_new_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector.projection[0].weight.device
+
+    # ------------------------------------------------------------------ save / load
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a SAFE adapter is: projector, fusion, LoRA and any unfrozen base parameters."""
+        keep = {n for n in self.trainable_parameters()}
+        keep |= {n for n, _ in self.named_parameters() if n.startswith(("projector.", "fusion.")) or "lora_" in n}
+        keep |= set(self.anchors)  # unfrozen base parameters (their current values)
+        params = dict(self.named_parameters())
+        return {n: params[n].detach().contiguous().cpu() for n in sorted(keep)}
+
+    def save_pretrained(self, path: str | Path, *, extra_config: dict | None = None) -> None:
+        """Write ``adapter.safetensors`` + ``adapter_config.json`` (no pickle)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(self.adapter_state_dict(), str(path / ADAPTER_WEIGHTS))
+        config = dict(self._arch, unfreeze=self.unfrozen, audio_token=AUDIO_TOKEN,
+                      lora=self.lora_config.to_dict() if self.lora_config is not None else None,
+                      base_family=self.base.family_name, audio_kind=self.audio_encoder.kind)
+        config.update(extra_config or {})
+        (path / ADAPTER_CONFIG).write_text(json.dumps(_jsonable(config), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, base: BaseVL, audio_encoder: AudioEncoder) -> "SAFEModel":
+        """Rebuild the adapter around ``base``/``audio_encoder`` and load its weights (strict)."""
+        path = Path(path)
+        cfg_file, w_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+        for f in (cfg_file, w_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"SAFE adapter file not found: {f}")
+        cfg = json.loads(cfg_file.read_text())
+        lora = None
+        if cfg.get("lora"):
+            from peft import LoraConfig
+
+            lora_cfg = {k: v for k, v in cfg["lora"].items() if k in LoraConfig.__dataclass_fields__}
+            lora = LoraConfig(**lora_cfg)
+        arch = {k: cfg[k] for k in ("num_audio_tokens", "projector_hidden", "projector_dropout", "fusion",
+                                    "fusion_heads", "fusion_ffn_mult", "fusion_dropout")}
+        model = cls(base, audio_encoder, **arch, unfreeze=cfg.get("unfreeze", []), lora=lora)
+        state = load_file(str(w_file))
+        params = dict(model.named_parameters())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(f"{w_file}: parameters not in the model: {unknown[:5]}")
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"{w_file}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                 f"{tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+        return model
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
