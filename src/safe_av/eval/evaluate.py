@@ -1,0 +1,118 @@
+"""Run a SAFE model over evaluation sets: VQA retention, AVQA accuracy, and "does audio matter"."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+
+import torch
+from torch.utils.data import DataLoader
+
+from safe_av.data.records import Sample
+from safe_av.data.text import SAFEProcessor, move_batch
+from safe_av.eval.metrics import avqa_accuracy, feature_cosine_similarity, temporal_accuracy, vqa_accuracy
+from safe_av.training.data import SAFEDataset
+
+AUDIO_SCENARIOS = ("Audio", "Audio-Visual")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, strip punctuation and extra spaces (exact-match AVQA scoring)."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def is_audio_dependent(question_type: str | None) -> bool:
+    return bool(question_type) and question_type.split("/")[0] in AUDIO_SCENARIOS
+
+
+def predict(model, processor: SAFEProcessor, samples: list[Sample], *, batch_size: int = 16,
+            max_new_tokens: int = 8, use_audio: bool = True, shuffle_audio: bool = False,
+            max_seconds: float = 10.0) -> list[dict]:
+    """Greedy answers for ``samples``; one record per sample that could be loaded.
+
+    Args:
+        use_audio: False removes the audio tokens (the "audio masked" view).
+        shuffle_audio: give every clip to another sample of the batch (rolled by one).
+    """
+    dataset = SAFEDataset(samples, sampling_rate=processor.sampling_rate, max_seconds=max_seconds,
+                          with_answers=False)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=processor.collate)
+    records = []
+    was_training = model.training
+    model.eval()
+    for batch in loader:
+        if batch.get("empty"):
+            continue
+        batch = move_batch(batch, model.device)
+        perm = None
+        n_audio = int(batch["has_audio"].sum())
+        if shuffle_audio and n_audio > 1:
+            perm = torch.roll(torch.arange(n_audio, device=model.device), 1)
+        preds = model.generate_from_batch(batch, max_new_tokens=max_new_tokens, use_audio=use_audio,
+                                          audio_permutation=perm)
+        for meta, pred in zip(batch["meta"], preds):
+            records.append(dict(meta, prediction=pred))
+    model.train(was_training)
+    return records
+
+
+def score_vqa(records: list[dict]) -> float:
+    """Mean official VQA accuracy (fraction)."""
+    return sum(vqa_accuracy(r["prediction"], r["answers"]) for r in records) / max(len(records), 1)
+
+
+def score_avqa(records: list[dict]) -> dict:
+    """Official-style AVQA table + the audio-dependent subset."""
+    for r in records:
+        r["correct"] = normalize_answer(r["prediction"]) == normalize_answer(r["answers"][0])
+    out = avqa_accuracy(records)
+    dep = [r for r in records if is_audio_dependent(r["question_type"])]
+    out["audio_dependent"] = sum(r["correct"] for r in dep) / len(dep) if dep else None
+    out["temporal"] = temporal_accuracy(records)
+    return out
+
+
+def chance_accuracy(train: list[Sample], test: list[Sample]) -> dict:
+    """Chance and majority baselines per question, from the training answers of the same question type.
+
+    ``chance``: expected accuracy of a uniform guess among the answers seen for the type in training;
+    ``majority``: accuracy of always answering the type's most frequent training answer.
+    """
+    answers = defaultdict(Counter)
+    for s in train:
+        answers[s.question_type][normalize_answer(s.answers[0])] += 1
+    chance, majority, dep_chance, dep_major = [], [], [], []
+    for s in test:
+        counts = answers.get(s.question_type)
+        gold = normalize_answer(s.answers[0])
+        c = 1.0 / len(counts) if counts and gold in counts else 0.0
+        m = float(bool(counts) and counts.most_common(1)[0][0] == gold)
+        chance.append(c)
+        majority.append(m)
+        if is_audio_dependent(s.question_type):
+            dep_chance.append(c)
+            dep_major.append(m)
+
+    def mean(x):
+        return sum(x) / len(x) if x else None
+
+    return {"chance": mean(chance), "majority": mean(majority), "audio_dependent_chance": mean(dep_chance),
+            "audio_dependent_majority": mean(dep_major)}
+
+
+@torch.no_grad()
+def feature_similarity(model, processor: SAFEProcessor, samples: list[Sample], *, batch_size: int = 16) -> float:
+    """Cosine similarity of SAFE's and the original model's last hidden states on the same VL inputs."""
+    dataset = SAFEDataset(samples, sampling_rate=processor.sampling_rate)
+    sims = []
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=processor.collate):
+        if batch.get("empty"):
+            continue
+        batch = move_batch(batch, model.device)
+        student = model(**batch, use_audio=False)
+        teacher = model.teacher_forward(batch)
+        mask = batch["attention_mask"].bool() if not model.base.is_encoder_decoder else None
+        if mask is not None and student.hidden.shape[1] != mask.shape[1]:
+            mask = None
+        sims.append(feature_cosine_similarity(student.hidden, teacher.hidden, mask))
+    return sum(sims) / len(sims) if sims else float("nan")
