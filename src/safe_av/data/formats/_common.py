@@ -1,0 +1,110 @@
+"""Helpers shared by the format readers: locating files, JSON/CSV, duration probes."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from safe_av.data.audio import probe_duration
+from safe_av.data.records import DataError
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")
+
+
+def find_file(root: Path, candidates: Iterable[str], what: str) -> Path:
+    """The first of ``root/candidate`` that exists.
+
+    Raises:
+        FileNotFoundError: none exists; the message lists every path tried.
+    """
+    tried = [root / c for c in candidates]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{what} not found; tried: " + ", ".join(str(p) for p in tried))
+
+
+def load_json(path: Path) -> Any:
+    """Parse a JSON annotation file.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        DataError: the file is not valid JSON (names the line and column).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(path, "json", f"line {err.lineno} col {err.colno}", f"invalid JSON: {err.msg}") from err
+
+
+def read_csv_rows(path: Path, required: Iterable[str]) -> list[dict[str, str | None]]:
+    """Read a CSV with a header; UTF-8 (BOM tolerated), falling back to latin-1.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        DataError: the header lacks a required column.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        text = path.read_text(encoding="latin-1")
+    reader = csv.DictReader(text.splitlines())
+    header = reader.fieldnames or []
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(path, "header", header, f"missing column(s) {missing}")
+    return list(reader)
+
+
+def decode_str_list(value: Any) -> list[str] | None:
+    """Decode a list of strings stored as a JSON string (MUSIC-AVQA ``type``,
+    ``templ_values``); a Python-repr string or a real list is accepted too.
+
+    Returns:
+        The list, or None when ``value`` is not such a list.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                return None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+def first_existing(base: Path, stems: Iterable[str], suffixes: Iterable[str] = AUDIO_SUFFIXES) -> Path:
+    """``base/stem+suffix`` for the first stem/suffix that exists, else the first candidate."""
+    candidates = [base / f"{stem}{suffix}" for stem in stems for suffix in suffixes]
+    for path in candidates:
+        if path.is_file():
+            return path
+    return candidates[0]
+
+
+class DurationProbe:
+    """Cached audio durations (header read only); None for a missing/unreadable file."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._cache: dict[str, float | None] = {}
+
+    def __call__(self, path: Path | str) -> float | None:
+        if not self.enabled:
+            return None
+        key = str(path)
+        if key not in self._cache:
+            self._cache[key] = probe_duration(key) if Path(key).is_file() else None
+        return self._cache[key]

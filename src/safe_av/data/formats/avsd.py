@@ -1,0 +1,124 @@
+"""AVSD (Audio-Visual Scene-Aware Dialog, DSTC7 track 3 / DSTC8) reader.
+
+Two annotation shapes exist and both are read:
+
+* DSTC7/DSTC8 release ``{train,valid,test}_set4DSTC7-AVSD.json``::
+
+      {"type": "...", "dialogs": [
+          {"image_id": "QRTUI", "caption": "...", "summary": "...",
+           "dialog": [{"question": "...", "answer": "..."}, ...]}, ...]}
+
+* ``avsd_{train,val,test}.json``: an object keyed by Charades video id, each value
+  ``{"caption", "summary", "dialog": [{"question", "answer"}]}`` (``"data"`` is
+  accepted for ``"dialog"``).
+
+One `Sample` per turn: ``id`` ``"<video_id>_<turn>"``, ``attributes["history"]`` holds
+the previous turns as ``[question, answer]`` pairs, plus ``caption``, ``summary``,
+``turn``. Turns whose answer is ``__UNDISCLOSED__`` (the DSTC7 test set hides the
+last answer) are skipped and counted in ``ReadResult.skipped``.
+
+Expected ``--root`` layout (the Charades videos, audio and 1 fps frames extracted)::
+
+    ROOT/
+      train_set4DSTC7-AVSD.json  valid_set4DSTC7-AVSD.json  test_set4DSTC7-AVSD.json
+        (or avsd_train.json  avsd_val.json  avsd_test.json)
+      audio/<video_id>.wav
+      frames/<video_id>/000001.jpg ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safe_av.data.difficulty import difficulty_of
+from safe_av.data.formats._common import DurationProbe, find_file, first_existing, load_json
+from safe_av.data.records import BadEntry, ReadResult, Sample
+
+SPLITS = ("train", "val", "test")
+DSTC_PREFIX = {"train": "train", "val": "valid", "valid": "valid", "test": "test"}
+UNDISCLOSED = "__UNDISCLOSED__"
+
+
+def annotation_path(root: str | Path, split: str) -> Path:
+    """The dialog JSON of ``split`` (DSTC7, DSTC8 or ``avsd_{split}.json`` naming)."""
+    prefix = DSTC_PREFIX.get(split, split)
+    names = [f"{prefix}_set4DSTC7-AVSD.json", f"{prefix}_set4DSTC8-AVSD.json", f"avsd_{split}.json"]
+    return find_file(Path(root), names, f"AVSD {split} dialogs")
+
+
+def read(root: str | Path, split: str, *, probe_durations: bool = True) -> ReadResult:
+    """Read one split, one `Sample` per dialog turn.
+
+    Raises:
+        FileNotFoundError: no dialog file for ``split``.
+        DataError: the file is not JSON.
+    """
+    root = Path(root)
+    path = annotation_path(root, split)
+    data = load_json(path)
+    result = ReadResult()
+    probe = DurationProbe(probe_durations)
+    for where, video_id, record in _dialogs(data, str(path), result):
+        _read_dialog(record, video_id, where, root, probe, result)
+    return result
+
+
+def _dialogs(data: Any, path: str, result: ReadResult):
+    """Yield ``(where, video_id, record)`` for either annotation shape."""
+    if isinstance(data, dict) and isinstance(data.get("dialogs"), list):
+        for i, record in enumerate(data["dialogs"]):
+            where = f"{path}[dialogs][{i}]"
+            video_id = record.get("image_id") if isinstance(record, dict) else None
+            if not isinstance(video_id, str) or not video_id:
+                result.bad.append(BadEntry(where, "image_id", video_id, "missing or not a string"))
+                continue
+            yield where, video_id, record
+    elif isinstance(data, dict):
+        for video_id, record in data.items():
+            yield f"{path}[{video_id!r}]", video_id, record
+    else:
+        result.bad.append(BadEntry(path, "<root>", type(data).__name__, "expected a JSON object"))
+
+
+def _read_dialog(record: Any, video_id: str, where: str, root: Path, probe: DurationProbe, result: ReadResult) -> None:
+    if not isinstance(record, dict):
+        result.bad.append(BadEntry(where, "<dialog>", type(record).__name__, "expected a JSON object"))
+        return
+    turns = record.get("dialog", record.get("data"))
+    if not isinstance(turns, list):
+        result.bad.append(BadEntry(where, "dialog", turns, "missing or not a list of turns"))
+        return
+    audio = first_existing(root / "audio", [video_id])
+    duration = probe(audio)
+    history: list[list[str]] = []
+    for t, turn in enumerate(turns):
+        q, a = (turn.get("question"), turn.get("answer")) if isinstance(turn, dict) else (None, None)
+        if not isinstance(q, str) or not isinstance(a, str):
+            field = "question" if not isinstance(q, str) else "answer"
+            result.bad.append(BadEntry(f"{where}[dialog][{t}]", field, turn, "missing or not a string"))
+            return  # later turns would carry a broken history
+        if a.strip() == UNDISCLOSED:
+            result.skip("answer undisclosed")
+            continue
+        result.samples.append(
+            Sample(
+                id=f"{video_id}_{t}",
+                dataset="avsd",
+                question=q.strip(),
+                answers=[a.strip()],
+                image=str(root / "frames" / video_id),
+                audio=str(audio),
+                question_type="dialog",
+                attributes={
+                    "video_id": video_id,
+                    "turn": t,
+                    "history": [list(p) for p in history],
+                    "caption": record.get("caption", ""),
+                    "summary": record.get("summary", ""),
+                    "duration_s": duration,
+                },
+                difficulty=difficulty_of(duration, "dialog", turn=t),
+            )
+        )
+        history.append([q.strip(), a.strip()])

@@ -1,0 +1,190 @@
+"""From records on disk to model batches: loading, skip-and-count, and a resumable batch stream."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from safe_av.config import DataConfig
+from safe_av.data.audio import load_audio
+from safe_av.data.formats import read as read_format
+from safe_av.data.records import DataError, Sample
+from safe_av.data.sampling import CurriculumBatchSampler
+from safe_av.data.vision import augment_image, load_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Corpus:
+    """Samples of several datasets for one split, and what the readers rejected."""
+
+    samples: list[Sample] = field(default_factory=list)
+    bad: list = field(default_factory=list)
+
+    def of(self, *datasets: str) -> list[Sample]:
+        return [s for s in self.samples if s.dataset in datasets]
+
+
+def read_corpus(cfg: DataConfig, datasets: list[str], split: str) -> Corpus:
+    """Read ``split`` of each dataset from ``cfg.root/<dataset>`` (layouts in the README)."""
+    corpus = Corpus()
+    for name in dict.fromkeys(datasets):
+        result = read_format(name, Path(cfg.root) / name, split)
+        corpus.samples.extend(result.samples)
+        corpus.bad.extend(result.bad)
+        for bad in result.bad:
+            log.warning("skipped annotation: %s", bad)
+    return corpus
+
+
+class SAFEDataset(Dataset):
+    """Loads a sample's image and audio. A bad file is skipped (``None``) and counted by the collate.
+
+    Augmentation draws from ``(seed, epoch, index)`` only, so a resumed run sees the same pixels.
+    Cached audio features (``feature_cache``) replace the waveform when given.
+    """
+
+    def __init__(self, samples: list[Sample], *, sampling_rate: int, max_seconds: float = 10.0,
+                 augment: bool = False, seed: int = 0, feature_cache=None, drop_audio: bool = False,
+                 with_answers: bool = True):
+        self.samples = samples
+        self.sampling_rate = sampling_rate
+        self.max_seconds = max_seconds
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.feature_cache = feature_cache
+        self.drop_audio = drop_audio
+        self.with_answers = with_answers  # False: prompts only, for generation
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict | None:
+        s = self.samples[index]
+        answer = s.answers[0] if (s.answers and self.with_answers) else None
+        item = {"question": s.question, "answer": answer, "image": None,
+                "meta": {"id": s.id, "dataset": s.dataset, "question_type": s.question_type,
+                         "answers": list(s.answers), "difficulty": s.difficulty, "question": s.question}}
+        try:
+            if s.image is not None:
+                img = load_image(s.image)
+                if self.augment:
+                    rng = np.random.default_rng([self.seed, self.epoch, index])
+                    img = augment_image(img, s.question, rng, answers=s.answers)
+                item["image"] = img
+            if s.audio is not None and not self.drop_audio:
+                if self.feature_cache is not None:
+                    item["audio_features"] = self.feature_cache.get(s.audio)
+                else:
+                    clip = load_audio(s.audio, target_sr=self.sampling_rate, max_seconds=self.max_seconds)
+                    item["waveform"], item["num_valid"] = clip.waveform, clip.num_valid
+        except DataError as err:
+            log.warning("skipped sample %s/%s: %s", s.dataset, s.id, err)
+            return None
+        return item
+
+
+class _Batches(torch.utils.data.Sampler):
+    """The remaining batches of one sampler epoch, from a start position."""
+
+    def __init__(self, batches: list[list[int]], start: int):
+        self.batches, self.start = batches, start
+
+    def __iter__(self):
+        return iter(self.batches[self.start:])
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.start
+
+
+class BatchStream:
+    """An endless, resumable stream of collated batches whose audio ratio / difficulties can change.
+
+    Its state is ``(audio_ratio, difficulties, epoch, position)``; ``position`` counts batches the
+    training loop has *consumed* (prefetched ones do not count), so a resume is exact.
+    """
+
+    def __init__(self, dataset: SAFEDataset, collate, *, batch_size: int, dataset_weights: dict[str, float] | None,
+                 seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+        self.dataset, self.collate = dataset, collate
+        self.batch_size, self.weights, self.seed = batch_size, dataset_weights, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.audio_ratio, self.difficulties = 1.0, None
+        self.epoch, self.position = 0, 0
+        self._sampler = None
+        self._iter = None
+
+    def configure(self, audio_ratio: float, difficulties: list[str] | None) -> None:
+        """Change the mix (a curriculum stage); the stream continues from a fresh epoch order."""
+        diffs = sorted(difficulties) if difficulties else None
+        if self._sampler is not None and (audio_ratio, diffs) == (self.audio_ratio, self.difficulties):
+            return
+        self.audio_ratio, self.difficulties = audio_ratio, diffs
+        if self._sampler is not None:  # a real change mid-run: next epoch of the new mix
+            self.epoch, self.position = self.epoch + 1, 0
+        self._build()
+
+    def _build(self) -> None:
+        pools = {"audio": any(s.audio is not None for s in self.dataset.samples),
+                 "other": any(s.audio is None for s in self.dataset.samples)}
+        ratio = self.audio_ratio if pools["other"] else 1.0  # only audio-bearing data: every slot has audio
+        ratio = ratio if pools["audio"] else 0.0
+        self._sampler = CurriculumBatchSampler(
+            self.dataset.samples, batch_size=self.batch_size, audio_ratio=ratio,
+            dataset_weights=self._present_weights(), difficulties=set(self.difficulties) if self.difficulties else None,
+            seed=self.seed, rank=self.rank, world_size=self.world_size)
+        if len(self._sampler) == 0:
+            raise ValueError(f"no full batch of {self.batch_size} can be drawn with audio_ratio={ratio} and "
+                             f"difficulties={self.difficulties} from {len(self.dataset.samples)} samples")
+        self._iter = None
+
+    def _present_weights(self) -> dict[str, float] | None:
+        if self.weights is None:
+            return None
+        present = {s.dataset for s in self.dataset.samples}
+        return {k: v for k, v in self.weights.items() if k in present}
+
+    def batches_per_epoch(self) -> int:
+        if self._sampler is None:
+            self._build()
+        return len(self._sampler)
+
+    def _loader(self):
+        self.dataset.set_epoch(self.epoch)
+        batches = self._sampler.epoch_batches(self.epoch)
+        loader = DataLoader(self.dataset, batch_sampler=_Batches(batches, self.position), collate_fn=self.collate,
+                            num_workers=self.num_workers)
+        return iter(loader)
+
+    def next(self) -> dict:
+        if self._sampler is None:
+            self._build()
+        while True:
+            if self._iter is None:
+                self._iter = self._loader()
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                self.epoch, self.position, self._iter = self.epoch + 1, 0, None
+                continue
+            self.position += 1
+            return batch
+
+    def state_dict(self) -> dict:
+        return {"audio_ratio": self.audio_ratio, "difficulties": self.difficulties, "epoch": self.epoch,
+                "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.audio_ratio, self.difficulties = state["audio_ratio"], state["difficulties"]
+        self._build()
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

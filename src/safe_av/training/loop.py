@@ -1,0 +1,594 @@
+"""The Stage A training loop, written out: setup -> phases (step, eval, curriculum, checkpoint) -> evaluation.
+
+Distribution, mixed precision and tracking go through accelerate. Everything a resume needs is
+in one ``TrainState`` plus the optimizer/scheduler/RNG states, saved atomically without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
+
+from safe_av.config import ConfigError, PhaseConfig, SAFEConfig, config_to_yaml
+from safe_av.data.text import SAFEProcessor, move_batch
+from safe_av.eval import evaluate as ev
+from safe_av.models.build import build_audio_encoder, build_base, build_safe_model
+from safe_av.models.presets import TINY_BASES
+from safe_av.models.safe_model import SAFEModel
+from safe_av.training import checkpoint as ckpt
+from safe_av.training.curriculum import Curriculum, CurriculumStage
+from safe_av.training.data import BatchStream, Corpus, SAFEDataset, read_corpus
+from safe_av.training.fisher import estimate_fisher, load_fisher, save_fisher
+from safe_av.training.losses import LossWeights, composite_loss, distillation_loss, ewc_penalty, retention_loss
+from safe_av.training.schedule import build_optimizer, build_scheduler, current_lrs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that an exact resume needs (JSON)."""
+
+    global_step: int = 0
+    phase: int = 0
+    phase_step: int = 0
+    stream: dict | None = None
+    curriculum: dict | None = None
+    skipped_samples: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    original_vqa_accuracy: float | None = None
+    original_vqa_subset: float | None = None
+    best: float | None = None
+    phase_starts: dict = field(default_factory=dict)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Stage A: three phases, the curriculum, retention losses, checkpoints, evaluation."""
+
+    def __init__(self, cfg: SAFEConfig, output_dir: str | Path, *, resume: str | None = None):
+        self.cfg = cfg
+        self.out = Path(output_dir)
+        if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume = "latest"  # restarted by torchrun --max-restarts: pick up where we were
+        self.resume = resume
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)  # batches without audio skip the adapter
+        trackers = [t for t in cfg.train.trackers if t in ("tensorboard", "wandb")]
+        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None,
+                               project_dir=str(self.out), kwargs_handlers=[ddp])
+        self.state = TrainState()
+        self.t0 = time.time()
+
+    # ================================================================== setup
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    def _log_jsonl(self, record: dict) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        set_seed(cfg.train.seed)
+        if self.main:
+            (self.out / "config.yaml").write_text(config_to_yaml(cfg))
+        self._prepare_data()
+        self._build_model()
+        if self.main and cfg.train.trackers:
+            self.acc.init_trackers("safe", config={"seed": cfg.train.seed})
+
+    def _prepare_data(self) -> None:
+        cfg = self.cfg
+        if cfg.data.synthetic and not (Path(cfg.data.root) / "meta.json").is_file():
+            if self.main:
+                from safe_av.data.synthetic import write_synthetic
+
+                log.info("writing the synthetic corpus to %s", cfg.data.root)
+                write_synthetic(cfg.data.root, seed=cfg.data.synth_seed, small=cfg.data.synth_size == "small")
+            self.acc.wait_for_everyone()
+        names = sorted({d for p in cfg.train.phases for d in p.datasets} | {cfg.data.vqa_dataset})
+        self.train_corpus = read_corpus(cfg.data, names, "train")
+        eval_names = sorted({cfg.data.vqa_dataset, cfg.data.avqa_dataset} & set(names) | {cfg.data.vqa_dataset})
+        self.eval_corpus = read_corpus(cfg.data, eval_names, cfg.data.eval_split)
+        self.bad_annotations = len(self.train_corpus.bad) + len(self.eval_corpus.bad)
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        base_path = None
+        if cfg.model.base in TINY_BASES and cfg.train.pretrain.enabled:
+            from safe_av.training.pretrain import pretrain_tiny_base
+
+            vl_train = [s for s in self.train_corpus.samples
+                        if s.image is not None and (s.audio is None or _image_question(s))]
+            vocab = self.train_corpus.samples + self.eval_corpus.samples
+            if self.main:
+                base_path = pretrain_tiny_base(cfg, vl_train, vocab, device=self.acc.device)
+            self.acc.wait_for_everyone()
+            base_path = pretrain_tiny_base(cfg, vl_train, vocab) if base_path is None else base_path
+        base = build_base(cfg.model, base=str(base_path) if base_path else None)
+        if cfg.train.mixed_precision == "fp16" and base.is_encoder_decoder:
+            raise ConfigError("train.mixed_precision='fp16': refused for FlanT5 (T5 overflows in fp16); use bf16 or no")
+        torch.manual_seed(cfg.train.seed)
+        self.model: SAFEModel = build_safe_model(cfg.model, base=base, audio_encoder=build_audio_encoder(cfg.model))
+        self.model.to(self.acc.device)
+        self.processor = SAFEProcessor.from_model(self.model, max_length=cfg.data.max_text_length)
+        self.ddp_model = None
+
+    # ================================================================== phases
+
+    def _phase_parts(self, phase: PhaseConfig) -> dict:
+        unfreeze = phase.unfreeze if "base" in phase.train else []
+        return dict(projector="projector" in phase.train, fusion="fusion" in phase.train and self.model.fusion is not None,
+                    unfreeze=unfreeze, lora="lora" in phase.train and self.model.lora_config is not None)
+
+    def _start_phase(self, index: int):
+        cfg, phase = self.cfg, self.cfg.train.phases[index]
+        self.model.set_trainable(**self._phase_parts(phase))
+        groups = []
+        for part, names in self.model.parameter_groups().items():
+            if not names:
+                continue
+            if part not in phase.lr:
+                raise ConfigError(f"train.phases[{index}].lr: no learning rate for trained part {part!r}")
+            params = dict(self.model.named_parameters())
+            groups.append({"name": part, "params": [params[n] for n in names], "lr": phase.lr[part]})
+        optim = build_optimizer(groups, weight_decay=cfg.train.optim.weight_decay, betas=tuple(cfg.train.optim.betas),
+                                eps=cfg.train.optim.eps)
+        train_samples = self._phase_samples(phase)
+        dataset = SAFEDataset(train_samples, sampling_rate=self.processor.sampling_rate,
+                              max_seconds=cfg.data.max_audio_seconds, augment=cfg.data.augment,
+                              seed=cfg.train.seed + index, feature_cache=self._feature_cache())
+        stream = BatchStream(dataset, self.processor.collate, batch_size=phase.batch_size,
+                             dataset_weights=phase.datasets, seed=cfg.train.seed + 1000 * index,
+                             rank=self.acc.process_index, world_size=self.acc.num_processes,
+                             num_workers=cfg.data.num_workers)
+        stage = self.curriculum.current if (phase.curriculum and self.curriculum) else None
+        stream.configure(stage.audio_ratio if stage else phase.audio_ratio,
+                         list(stage.difficulties) if stage else None)
+        per_epoch = max(1, stream.batches_per_epoch() // cfg.train.optim.grad_accum)
+        steps = phase.max_steps or max(1, math.ceil(phase.epochs * per_epoch))
+        sched = build_scheduler(optim, warmup_steps=min(cfg.train.optim.warmup_steps, steps // 2),
+                                steps_per_epoch=per_epoch, restart_epochs=cfg.train.optim.restart_epochs,
+                                min_lr=cfg.train.optim.min_lr)
+        model, optim = self.acc.prepare(self.model, optim) if self.acc.num_processes > 1 else (self.model, optim)
+        self.ddp_model = model
+        n_train = sum(p.numel() for p in self.model.trainable_parameters().values())
+        log.info("phase %d (%s): %d steps, trainable %d parameters in %s", index + 1, phase.name, steps, n_train,
+                 [g["name"] for g in groups])
+        return optim, sched, stream, steps
+
+    def _phase_samples(self, phase: PhaseConfig):
+        missing = [d for d in phase.datasets if not self.train_corpus.of(d)]
+        if missing:
+            raise ValueError(f"phase {phase.name!r}: no training samples for datasets {missing} under "
+                             f"{self.cfg.data.root}")
+        return self.train_corpus.of(*phase.datasets)
+
+    def _feature_cache(self):
+        if not self.cfg.data.feature_cache:
+            return None
+        from safe_av.data.cache import FeatureCache
+
+        return FeatureCache.open(self.cfg.data.feature_cache, self.model)
+
+    # ================================================================== losses
+
+    def _weights(self, phase: PhaseConfig) -> LossWeights:
+        lc = self.cfg.loss
+        if lc.task_only:
+            return LossWeights(alpha=1.0)
+        if phase.curriculum and self.curriculum is not None:
+            w = self.curriculum.effective_weights()
+        else:
+            w = LossWeights(lc.alpha, lc.beta, lc.gamma, lc.delta)
+        return LossWeights(w.alpha, w.beta if lc.retention else 0.0, w.gamma if lc.distillation else 0.0,
+                           w.delta if (lc.fisher and self.fisher) else 0.0)
+
+    def _distill_rows(self, batch: dict) -> torch.Tensor:
+        """Rows whose answer must not depend on audio: image questions (and, when base parts train, VL-only rows)."""
+        image_q = torch.tensor([_image_question_meta(m) for m in batch["meta"]], device=batch["input_ids"].device)
+        has_audio = batch["has_audio"]
+        base_trains = bool(self.model.unfrozen) or self.model.lora_config is not None
+        rows = image_q & batch["has_images"]
+        # with a frozen base, VL-only rows are the teacher exactly: skip them
+        return rows if base_trains else rows & has_audio
+
+    def compute_loss(self, model, batch: dict, w: LossWeights) -> tuple[torch.Tensor, dict]:
+        out = model(**batch)
+        parts = {"task": out.loss}
+        rows = self._distill_rows(batch)
+        if (w.beta > 0 or w.gamma > 0) and bool(rows.any()):
+            teacher = self.model.teacher_forward(batch)
+            mask = rows.unsqueeze(1) & (out.token_labels != -100)
+            if w.gamma > 0:
+                parts["distill"] = distillation_loss(out.token_logits, teacher.token_logits, mask,
+                                                     temperature=self.cfg.loss.temperature)
+            if w.beta > 0:
+                parts["retention"] = retention_loss(out.token_hidden, teacher.token_hidden, mask)
+        if w.delta > 0 and self.fisher:
+            params = {n: p for n, p in self.model.named_parameters() if n in self.fisher}
+            parts["fisher"] = ewc_penalty(params, self.model.anchors, self.fisher)
+        return composite_loss(parts, w), parts
+
+    # ================================================================== fisher
+
+    def _setup_fisher(self) -> None:
+        """Diagonal Fisher of the base parameters any phase unfreezes, on VL batches, at θ*."""
+        self.fisher = None
+        lc = self.cfg.loss
+        unfreeze = sorted({m for p in self.cfg.train.phases if "base" in p.train for m in p.unfreeze})
+        if not lc.fisher or lc.task_only or not unfreeze:
+            return
+        path = Path(lc.fisher_path) if lc.fisher_path else self.out / "fisher.safetensors"
+        self.model.set_trainable(projector=False, fusion=False, unfreeze=unfreeze)
+        params = self.model.trainable_parameters()
+        if path.is_file():
+            fisher, _, meta = load_fisher(path, params=params)
+            log.info("Fisher loaded from %s (%s)", path, meta)
+        else:
+            fisher = compute_fisher(self, params)
+            if self.main:
+                save_fisher(path, fisher, {n: self.model.anchors[n] for n in fisher}, {"batches": lc.fisher_batches})
+        if lc.fisher_normalize:
+            mean = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp(min=1e-30)
+            fisher = {n: f / mean for n, f in fisher.items()}
+        self.fisher = {n: f.to(self.acc.device) for n, f in fisher.items()}
+
+    # ================================================================== evaluation during training
+
+    def _eval_subsets(self) -> None:
+        n = self.cfg.curriculum.eval_samples
+        vqa = self.eval_corpus.of(self.cfg.data.vqa_dataset)
+        avqa = self.eval_corpus.of(self.cfg.data.avqa_dataset)
+        self.vqa_eval = vqa
+        self.vqa_subset = vqa[:n]
+        self.avqa_eval = avqa
+        self.avqa_dep = [s for s in avqa if ev.is_audio_dependent(s.question_type)]
+
+    def _predict(self, samples, **kw):
+        return ev.predict(self.model, self.processor, samples, batch_size=self.cfg.eval.batch_size,
+                          max_new_tokens=self.cfg.eval.max_new_tokens, max_seconds=self.cfg.data.max_audio_seconds,
+                          **kw)
+
+    def _stage_eval(self, stage: CurriculumStage) -> tuple[float | None, float | None]:
+        """Held-out VL retention and the stage's audio accuracy (its difficulties, audio-dependent questions)."""
+        retention = None
+        if self.vqa_subset and self.state.original_vqa_subset:
+            retention = ev.score_vqa(self._predict(self.vqa_subset)) / self.state.original_vqa_subset
+        pool = [s for s in self.avqa_dep if s.difficulty in stage.difficulties][: self.cfg.curriculum.eval_samples]
+        audio_acc = None
+        if pool:
+            recs = self._predict(pool)
+            audio_acc = sum(ev.normalize_answer(r["prediction"]) == ev.normalize_answer(r["answers"][0])
+                            for r in recs) / len(recs)
+        return retention, audio_acc
+
+    # ================================================================== the loop
+
+    def train(self) -> dict:
+        self.setup()
+        self._eval_subsets()
+        self.curriculum = self._build_curriculum()
+        self._setup_fisher()
+        start = self._maybe_resume_state()
+        if self.state.original_vqa_accuracy is None:
+            recs = self._predict(self.vqa_eval, use_audio=False)
+            self.state.original_vqa_accuracy = ev.score_vqa(recs)
+            self.state.original_vqa_subset = ev.score_vqa(recs[: len(self.vqa_subset)])
+            log.info("original VQA accuracy %.4f", self.state.original_vqa_accuracy)
+        total = self._total_steps()
+        bar = tqdm(total=total, initial=self.state.global_step, disable=not self.main, desc="train", dynamic_ncols=True)
+        for index in range(self.state.phase, len(self.cfg.train.phases)):
+            self._run_phase(index, bar, resume_from=start if index == self.state.phase else None)
+            start = None
+        bar.close()
+        return self.finish()
+
+    def _total_steps(self) -> int:
+        # phase lengths are known only when each phase starts; the bar grows as they do
+        return 0
+
+    def _run_phase(self, index: int, bar, resume_from: Path | None) -> None:
+        cfg, st = self.cfg, self.state
+        phase = cfg.train.phases[index]
+        optim, sched, stream, steps = self._start_phase(index)
+        if resume_from is not None:
+            self._restore(resume_from, optim, sched, stream)
+        else:
+            st.phase, st.phase_step = index, 0
+            st.phase_starts[str(index)] = st.global_step
+            self._log_jsonl({"event": "phase_start", "step": st.global_step, "phase": index + 1, "name": phase.name,
+                             "reason": f"phase {index + 1} ({phase.name}): trains {phase.train}"})
+        bar.total = (bar.total or 0) + steps - st.phase_step
+        bar.refresh()
+        if phase.curriculum and self.curriculum is not None:
+            stage = self.curriculum.current
+            stream.configure(stage.audio_ratio, list(stage.difficulties))
+        model = self.ddp_model
+        model.train()
+        while st.phase_step < steps:
+            t_step = time.time()
+            w = self._weights(phase)
+            logs = self._optimizer_step(model, optim, sched, stream, w)
+            st.phase_step += 1
+            st.global_step += 1
+            bar.update(1)
+            if logs is not None:
+                n = logs.pop("_samples")
+                logs.update(step=st.global_step, phase=index + 1, stage=self._stage_index(phase),
+                            audio_ratio=stream.audio_ratio, samples_per_s=n / max(time.time() - t_step, 1e-9),
+                            peak_memory_mb=_peak_memory_mb(), **{f"weights/{k}": v for k, v in asdict(w).items()},
+                            **current_lrs(optim))
+                drift = self._param_drift()
+                if drift is not None:
+                    logs["param_drift"] = drift
+                if self.curriculum is not None and phase.curriculum:
+                    self.curriculum.observe_loss(st.global_step, logs["loss/total"])
+                if st.global_step % cfg.train.log_every == 0 or st.phase_step == steps:
+                    self._log_jsonl(logs)
+                    if cfg.train.trackers:
+                        self.acc.log({k: v for k, v in logs.items() if isinstance(v, (int, float))},
+                                     step=st.global_step)
+                    bar.set_postfix(loss=f"{logs['loss/total']:.3f}", stage=logs["stage"])
+            if phase.curriculum and self.curriculum is not None:
+                self._curriculum_tick(stream)
+            if st.global_step % cfg.train.checkpoint_every == 0 or st.phase_step == steps:
+                self._save(optim, sched, stream)
+
+    def _optimizer_step(self, model, optim, sched, stream: BatchStream, w: LossWeights) -> dict | None:
+        """One optimizer step over ``grad_accum`` micro-batches; non-finite losses/grads skip the step."""
+        cfg, st = self.cfg, self.state
+        accum = cfg.train.optim.grad_accum
+        totals: dict[str, float] = {}
+        n_samples, finite = 0, True
+        for micro in range(accum):
+            batch = stream.next()
+            st.skipped_samples += int(batch.get("skipped", 0))
+            if batch.get("empty"):
+                continue
+            batch = move_batch(batch, self.acc.device)
+            n_samples += batch["input_ids"].shape[0]
+            sync = micro == accum - 1 or self.acc.num_processes == 1
+            ctx = self.acc.no_sync(model) if not sync else _null()
+            with ctx, self.acc.autocast():
+                loss, parts = self.compute_loss(model, batch, w)
+            if not torch.isfinite(loss):
+                finite = False
+                continue
+            self.acc.backward(loss / accum)
+            for k, v in parts.items():
+                totals[f"loss/{k}"] = totals.get(f"loss/{k}", 0.0) + float(v.detach()) / accum
+            totals["loss/total"] = totals.get("loss/total", 0.0) + float(loss.detach()) / accum
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = self.acc.clip_grad_norm_(params, cfg.train.optim.grad_clip) if finite else torch.tensor(float("nan"))
+        if not finite or not torch.isfinite(torch.as_tensor(grad_norm)):
+            optim.zero_grad(set_to_none=True)
+            st.skipped_steps += 1
+            st.nonfinite_in_a_row += 1
+            self._log_jsonl({"event": "skipped_step", "step": st.global_step + 1,
+                             "reason": "non-finite loss" if not finite else "non-finite gradient norm"})
+            if st.nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                raise NonFiniteError(f"{st.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
+                                     f"gradient (train.max_nonfinite={cfg.train.max_nonfinite}); stopping. Lower "
+                                     "the learning rates, or use bf16 instead of fp16.")
+            sched.step()
+            return None
+        st.nonfinite_in_a_row = 0
+        optim.step()
+        sched.step()
+        optim.zero_grad(set_to_none=True)
+        totals["grad_norm"] = float(grad_norm)
+        totals["_samples"] = n_samples
+        return totals
+
+    def _stage_index(self, phase: PhaseConfig) -> int | None:
+        if not (phase.curriculum and self.curriculum is not None):
+            return None
+        return self.curriculum.state_dict().get("stage_index", None) + 1 \
+            if "stage_index" in self.curriculum.state_dict() else None
+
+    def _curriculum_tick(self, stream: BatchStream) -> None:
+        st, cc = self.state, self.cfg.curriculum
+        before = self.curriculum.current
+        retention = audio = None
+        if st.global_step % cc.eval_every == 0:
+            retention, audio = self._stage_eval(before)
+            self._log_jsonl({"step": st.global_step, "eval/vl_retention": retention,
+                             "eval/stage_audio_accuracy": audio, "stage": before.name})
+        for event in self.curriculum.update(st.global_step, retention=retention, audio_accuracy=audio):
+            self._log_jsonl(event.to_record())
+            log.info("curriculum: %s", event.reason)
+        now = self.curriculum.current
+        if now is not before:
+            stream.configure(now.audio_ratio, list(now.difficulties))
+
+    def _param_drift(self) -> float | None:
+        if not self.model.anchors:
+            return None
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            sq = sum(float((params[n].float() - a.float()).pow(2).sum()) for n, a in self.model.anchors.items())
+        return math.sqrt(sq)
+
+    def _build_curriculum(self) -> Curriculum | None:
+        cc = self.cfg.curriculum
+        if not cc.enabled or not any(p.curriculum for p in self.cfg.train.phases):
+            return None
+        stages = [CurriculumStage(s.name, s.audio_ratio, tuple(s.difficulties),
+                                  LossWeights(s.alpha, s.beta, s.gamma, s.delta), cc.max_stage_steps,
+                                  cc.min_stage_steps) for s in cc.stages]
+        return Curriculum(stages, retention_threshold=cc.retention_threshold,
+                          audio_acc_threshold=cc.audio_accuracy_threshold, loss_cv_threshold=cc.loss_cv_threshold,
+                          loss_window=cc.loss_window, adaptive=cc.adaptive)
+
+    # ================================================================== checkpoints
+
+    def _save(self, optim, sched, stream: BatchStream) -> None:
+        st = self.state
+        st.stream = stream.state_dict()
+        st.curriculum = self.curriculum.state_dict() if self.curriculum is not None else None
+        if not self.main:
+            return
+        scaler = self.acc.scaler.state_dict() if getattr(self.acc, "scaler", None) is not None else None
+        ckpt.save_checkpoint(self.out, st.global_step, model_state=self.model.adapter_state_dict(), optimizer=optim,
+                             scheduler=sched, scaler_state=scaler, train_state=asdict(st),
+                             config_yaml=config_to_yaml(self.cfg), keep_last=self.cfg.train.keep_last,
+                             best_metric=None)
+
+    def _maybe_resume_state(self) -> Path | None:
+        if not self.resume:
+            return None
+        path = ckpt.find_latest(self.out) if self.resume == "latest" else Path(self.resume)
+        if path is None:
+            log.info("resume=latest: no checkpoint in %s, starting fresh", self.out)
+            return None
+        _, _, train_state = ckpt.load_checkpoint(path, optimizer=None, scheduler=None, restore_rng=False)
+        self.state = TrainState(**train_state)
+        if self.curriculum is not None and self.state.curriculum:
+            self.curriculum.load_state_dict(self.state.curriculum)
+        if self.main:
+            _truncate_jsonl(self.out / "metrics.jsonl", self.state.global_step)
+        log.info("resuming from %s (step %d, phase %d)", path, self.state.global_step, self.state.phase + 1)
+        return path
+
+    def _restore(self, path: Path, optim, sched, stream: BatchStream) -> None:
+        model_state, scaler_state, _ = ckpt.load_checkpoint(path, optimizer=optim, scheduler=sched)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in model_state.items():
+                params[name].copy_(tensor)
+        if scaler_state and getattr(self.acc, "scaler", None) is not None:
+            self.acc.scaler.load_state_dict(scaler_state)
+        if self.state.stream:
+            stream.load_state_dict(self.state.stream)
+
+    # ================================================================== the end
+
+    def finish(self) -> dict:
+        """Final evaluation, adapter, metrics.json and the report."""
+        st = self.state
+        metrics = evaluate_run(self)
+        metrics.update(curriculum_stages=self._stage_starts(), skipped_samples=st.skipped_samples,
+                       skipped_steps=st.skipped_steps, bad_annotations=self.bad_annotations, steps=st.global_step,
+                       phase_starts=st.phase_starts, train_seconds=round(time.time() - self.t0, 1))
+        if self.main:
+            self.model.save_pretrained(self.out / "adapter", extra_config={"base": self.cfg.model.base,
+                                                                         "audio_encoder": self.cfg.model.audio_encoder})
+            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            try:
+                from safe_av.eval.report import write_report
+
+                write_report(self.out)
+            except Exception as err:  # the report must never cost a finished run
+                log.warning("report failed: %s", err)
+        self.acc.end_training()
+        return metrics
+
+    def _stage_starts(self) -> dict:
+        if self.curriculum is None:
+            return {}
+        stages = self.cfg.curriculum.stages
+        return {stages[int(i)].name if str(i).isdigit() else str(i): s
+                for i, s in self.curriculum.stage_start_steps.items()}
+
+
+def evaluate_run(trainer: Trainer) -> dict:
+    """The metrics ``metrics.json`` promises (see docs/interfaces.md)."""
+    t = trainer
+    out: dict = {"original_vqa_accuracy": t.state.original_vqa_accuracy}
+    if t.vqa_eval:
+        safe_vqa = ev.score_vqa(t._predict(t.vqa_eval))
+        out["safe_vqa_accuracy"] = safe_vqa
+        orig = t.state.original_vqa_accuracy
+        out["vl_retention"] = safe_vqa / orig if orig else None
+        out["feature_similarity"] = ev.feature_similarity(t.model, t.processor, t.vqa_eval[:64])
+    if t.avqa_eval:
+        full = ev.score_avqa(t._predict(t.avqa_eval))
+        masked = ev.score_avqa(t._predict(t.avqa_eval, use_audio=False))
+        shuffled = ev.score_avqa(t._predict(t.avqa_eval, shuffle_audio=True))
+        base = ev.chance_accuracy(t.train_corpus.of(t.cfg.data.avqa_dataset), t.avqa_eval)
+        out.update(
+            avqa_accuracy=full["overall"], avqa_accuracy_by_type=full["table"],
+            audio_dependent_accuracy=full["audio_dependent"], temporal_accuracy=full["temporal"],
+            audio_masked_avqa_accuracy=masked["overall"],
+            audio_masked_audio_dependent_accuracy=masked["audio_dependent"],
+            audio_shuffled_avqa_accuracy=shuffled["overall"],
+            audio_shuffled_audio_dependent_accuracy=shuffled["audio_dependent"],
+            avqa_chance_accuracy=base["chance"], avqa_majority_accuracy=base["majority"],
+            audio_dependent_chance_accuracy=base["audio_dependent_chance"],
+            audio_dependent_majority_accuracy=base["audio_dependent_majority"],
+        )
+    return out
+
+
+def compute_fisher(trainer: Trainer, params: dict) -> dict:
+    """Empirical diagonal Fisher on VL batches (image questions, no audio) at the current (original) weights."""
+    cfg = trainer.cfg
+    vl = [s for s in trainer.train_corpus.samples if s.image is not None and s.audio is None]
+    if not vl:
+        raise ValueError("Fisher: no VL-only (image, no audio) training samples to estimate it on")
+    dataset = SAFEDataset(vl, sampling_rate=trainer.processor.sampling_rate, seed=cfg.train.seed)
+    stream = BatchStream(dataset, trainer.processor.collate, batch_size=8, dataset_weights=None, seed=cfg.train.seed)
+    stream.configure(0.0, None)
+    batches = (move_batch(stream.next(), trainer.acc.device) for _ in range(cfg.loss.fisher_batches))
+    return estimate_fisher(lambda b: trainer.model(**b).loss, params, batches, max_batches=cfg.loss.fisher_batches)
+
+
+def _image_question(sample) -> bool:
+    return _image_question_meta({"question_type": sample.question_type, "dataset": sample.dataset})
+
+
+def _image_question_meta(meta: dict) -> bool:
+    """A question answerable from the image alone (VQA, MUSIC-AVQA Visual)."""
+    qt = meta.get("question_type") or ""
+    return meta.get("dataset") == "vqav2" or qt.split("/")[0] == "Visual"
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records logged after ``step`` by a run that died before its next checkpoint."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip()
+            and (json.loads(line).get("step") or 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train(cfg: SAFEConfig, output_dir: str | Path, *, resume: str | None = None) -> dict:
+    """``safe train``: run Stage A and return the final metrics."""
+    return Trainer(cfg, output_dir, resume=resume).train()
+
+
+__all__ = ["Trainer", "TrainState", "train", "evaluate_run", "Corpus"]

@@ -1,0 +1,109 @@
+"""Give a *tiny* random base VL model real VL ability first, so there is something to keep.
+
+The demo's base model is built from a transformers config with random weights; on its own it
+answers nothing, and "retention" of nothing is meaningless. So before SAFE training, the
+whole tiny base is trained on the image-only questions (VQA v2 + MUSIC-AVQA's Visual questions,
+without audio) and saved with ``save_pretrained`` to a cache folder keyed by everything that
+determines it. SAFE then loads it through the same ``from_pretrained(path)`` as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from safe_av.config import SAFEConfig, to_dict
+from safe_av.data.records import Sample
+from safe_av.data.text import SAFEProcessor, move_batch
+from safe_av.models.base_vl import BaseVL
+from safe_av.models.presets import build_tiny_base
+from safe_av.training.data import BatchStream, SAFEDataset
+
+log = logging.getLogger(__name__)
+
+
+def corpus_texts(samples: list[Sample]) -> list[str]:
+    """Every question and answer: the tiny tokenizer's vocabulary."""
+    return [t for s in samples for t in [s.question, *s.answers]]
+
+
+def _key(cfg: SAFEConfig, samples: list[Sample]) -> str:
+    ids = sorted(f"{s.dataset}/{s.id}/{s.answers[0] if s.answers else ''}" for s in samples)
+    blob = json.dumps({"base": cfg.model.base, "seed": cfg.model.tiny_seed, "pretrain": to_dict(cfg.train.pretrain),
+                       "samples": ids, "max_len": cfg.data.max_text_length}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretrain_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Sample], *,
+                       device: torch.device | str = "cpu") -> Path:
+    """Train (or reuse) the tiny base on image-only questions; return its folder.
+
+    Args:
+        cfg: the run's config (``model.base`` a tiny preset, ``train.pretrain`` the recipe).
+        train: image-only training samples (audio is ignored).
+        vocabulary: samples whose text the tokenizer must cover.
+    """
+    pre = cfg.train.pretrain
+    folder = Path(pre.cache_dir) / f"{cfg.model.base}-{_key(cfg, train + vocabulary)}"
+    if (folder / "DONE").is_file():
+        log.info("pretrained tiny base: reusing %s", folder)
+        return folder
+    torch.manual_seed(cfg.model.tiny_seed)
+    model, processor = build_tiny_base(cfg.model.base, corpus_texts(vocabulary), seed=cfg.model.tiny_seed)
+    base = BaseVL(model, processor)
+    model.requires_grad_(True)
+    model.to(device)
+    proc = SAFEProcessor(tokenizer=processor.tokenizer, image_processor=processor.image_processor,
+                         image_token_id=base.image_token_id, num_image_tokens=base.num_image_tokens,
+                         audio_token_id=-1, num_audio_tokens=0, family=base.family,
+                         is_encoder_decoder=base.is_encoder_decoder, max_length=cfg.data.max_text_length)
+    dataset = SAFEDataset(train, sampling_rate=16000, augment=cfg.data.augment, seed=cfg.train.seed,
+                          drop_audio=True)
+    stream = BatchStream(dataset, proc.collate, batch_size=pre.batch_size, dataset_weights=None,
+                         seed=cfg.train.seed)
+    stream.configure(0.0, None)
+    steps = max(1, int(pre.epochs * stream.batches_per_epoch()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=pre.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=pre.lr, total_steps=steps, pct_start=0.1)
+    t0 = time.time()
+    for step in range(steps):
+        batch = move_batch(stream.next(), device)
+        loss = _vl_loss(base, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.info("pretrain base step %d/%d loss %.4f (%.0fs)", step + 1, steps, loss.item(), time.time() - t0)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.eval().requires_grad_(False)
+    model.to("cpu").save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "pretrain.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss.detach()), "seconds":
+                                                   round(time.time() - t0, 1), "samples": len(train)}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    (folder / "DONE").write_text("")
+    return folder
+
+
+def _vl_loss(base: BaseVL, batch: dict) -> torch.Tensor:
+    """The plain VL model's own loss on image+text batches (its forward, image tokens filled by it)."""
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if batch.get("images") is None or not bool(batch["has_images"].all()):
+        raise ValueError("base pretraining takes image-only samples with an image each")
+    out = base.model(pixel_values=batch["images"], labels=batch["labels"] if base.is_encoder_decoder else None,
+                     **kwargs)
+    if base.is_encoder_decoder:
+        return out.loss
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                             ignore_index=-100)

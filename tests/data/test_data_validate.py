@@ -1,0 +1,61 @@
+"""validate / main_validate / main_synth on good and broken dataset roots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import data_fixtures as fx
+import pytest
+
+from safe_av.data.validate import main_synth, main_validate, validate
+
+
+@pytest.mark.parametrize("format", ["musicavqa", "audiocaps", "clotho", "avsd", "vqav2"])
+def test_official_fixtures_validate(format, request):
+    root = request.getfixturevalue(f"{format}_root")
+    report = validate(format, root)
+    assert report.ok, "\n".join(map(str, report.bad))
+    assert report.files_checked > 0 and sum(report.samples.values()) > 0
+
+
+def test_broken_media_and_entries_are_all_reported(musicavqa_root, capsys):
+    (musicavqa_root / "audio" / "00000272.wav").write_bytes(b"RIFF....WAVEgarbage")  # corrupt
+    (musicavqa_root / "audio" / "sa00007434.wav").unlink()  # missing
+    for frame in (musicavqa_root / "frames" / "00000238").iterdir():
+        frame.write_bytes(b"not a jpeg")  # unreadable frames
+    records = fx.MUSICAVQA_RECORDS + [{"video_id": "00000238", "question_id": 77}]  # entry missing keys
+    (musicavqa_root / "json" / "avqa-train.json").write_text(json.dumps(records))
+    report = validate("musicavqa", musicavqa_root, ["train"])
+    assert not report.ok and len(report.bad) == 4
+    by_field = {b.field: b for b in report.bad}
+    assert (
+        by_field["question_content"].reason == "missing key" and "question_id=77" in by_field["question_content"].where
+    )
+    audio = {Path(b.value).name: b.reason for b in report.bad if b.field == "audio"}
+    assert "00000272.wav: field 'audio'" in audio["00000272.wav"] and "unreadable or corrupt" in audio["00000272.wav"]
+    assert "sa00007434.wav" in audio["sa00007434.wav"] and "file not found" in audio["sa00007434.wav"]
+    assert "00000002.jpg" in str(by_field["image"]) and "unreadable or corrupt" in str(by_field["image"])  # middle of 3
+    code = main_validate(argparse.Namespace(format="musicavqa", root=str(musicavqa_root), splits=None))
+    out = capsys.readouterr().out
+    assert code == 1 and "PROBLEMS FOUND" in out and out.count("BAD ") == 4
+
+
+def test_missing_splits_are_listed_and_explicit_split_raises(tmp_path, capsys):
+    fx.write_musicavqa(tmp_path)
+    report = validate("musicavqa", tmp_path)
+    assert report.ok and report.samples == {"train": 3} and report.missing_splits == ["val", "test"]
+    assert "question_deleted x1" in report.summary()
+    with pytest.raises(FileNotFoundError, match="avqa-val.json"):
+        validate("musicavqa", tmp_path, ["val"])
+    empty = validate("vqav2", tmp_path / "nothing")
+    assert not empty.ok and empty.bad[0].field == "annotations"
+    assert main_validate(argparse.Namespace(format="musicavqa", root=str(tmp_path))) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_main_synth_writes_and_validates(tmp_path, capsys):
+    assert main_synth(tmp_path / "s", 3, small=True) == 0
+    out = capsys.readouterr().out
+    assert out.count(": OK") == 3 and "BAD" not in out
