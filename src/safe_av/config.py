@@ -93,11 +93,17 @@ class DataConfig:
     synthetic: bool = False
     """Write the synthetic corpus to ``root`` when it is absent (the demo)."""
     synth_seed: int = 0
-    synth_size: Literal["small", "default"] = "default"
+    synth_videos: int = 40
+    """Synthetic MUSIC-AVQA videos (about 10 questions each)."""
+    synth_vqa_images: int = 120
+    synth_audio_clips: int = 48
     max_audio_seconds: float = 10.0
     max_text_length: int = 512
     num_workers: int = 0
     augment: bool = True
+    """Image augmentation in training (random resized crop, colour jitter, side-safe flip)."""
+    audio_augment: bool = False
+    """Random audio augmentation (gain); refused together with the feature cache."""
     feature_cache: str | None = None
     """Folder of the frozen audio-feature cache (``safe data cache``); None computes features on line."""
     vqa_dataset: str = "vqav2"
@@ -109,6 +115,8 @@ class DataConfig:
         _check(self.max_audio_seconds > 0, "max_audio_seconds", self.max_audio_seconds, "must be > 0")
         _check(0 < self.max_text_length <= 4096, "max_text_length", self.max_text_length, "must be in (0, 4096]")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        _check(not (self.audio_augment and self.feature_cache), "audio_augment", self.audio_augment,
+               "cannot be combined with data.feature_cache (cached features would not change per epoch)")
 
 
 # ----------------------------------------------------------------------------- training
@@ -166,11 +174,20 @@ class LossConfig:
     fisher_batches: int = 16
     fisher_path: str | None = None
     """Precomputed Fisher (``safe fisher``); computed at the start of training when absent."""
+    fisher_normalize: bool = True
+    """Scale the Fisher to mean 1 over the trained parameters, so delta does not depend on its raw scale."""
     task_only: bool = False
     """Naive fine-tuning: task loss only (ignores retention/distillation/fisher)."""
+    alpha: float = 1.0
+    """Loss weights for phases without the curriculum (curriculum phases use the stage's weights)."""
+    beta: float = 0.1
+    gamma: float = 0.5
+    delta: float = 0.1
 
     def __post_init__(self):
         _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        for k in ("alpha", "beta", "gamma", "delta"):
+            _check(getattr(self, k) >= 0, k, getattr(self, k), "must be >= 0")
 
 
 @dataclass

@@ -27,7 +27,7 @@ def is_audio_dependent(question_type: str | None) -> bool:
 
 def predict(model, processor: SAFEProcessor, samples: list[Sample], *, batch_size: int = 16,
             max_new_tokens: int = 8, use_audio: bool = True, shuffle_audio: bool = False,
-            max_seconds: float = 10.0) -> list[dict]:
+            max_seconds: float = 10.0, feature_cache=None) -> list[dict]:
     """Greedy answers for ``samples``; one record per sample that could be loaded.
 
     Args:
@@ -35,7 +35,7 @@ def predict(model, processor: SAFEProcessor, samples: list[Sample], *, batch_siz
         shuffle_audio: give every clip to another sample of the batch (rolled by one).
     """
     dataset = SAFEDataset(samples, sampling_rate=processor.sampling_rate, max_seconds=max_seconds,
-                          with_answers=False)
+                          with_answers=False, feature_cache=feature_cache)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=processor.collate)
     records = []
     was_training = model.training

@@ -51,7 +51,7 @@ class SAFEDataset(Dataset):
     """
 
     def __init__(self, samples: list[Sample], *, sampling_rate: int, max_seconds: float = 10.0,
-                 augment: bool = False, seed: int = 0, feature_cache=None, drop_audio: bool = False,
+                 augment: bool = False, seed: int = 0, feature_cache=None,
                  with_answers: bool = True):
         self.samples = samples
         self.sampling_rate = sampling_rate
@@ -60,7 +60,6 @@ class SAFEDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.feature_cache = feature_cache
-        self.drop_audio = drop_audio
         self.with_answers = with_answers  # False: prompts only, for generation
 
     def __len__(self) -> int:
@@ -82,13 +81,13 @@ class SAFEDataset(Dataset):
                     rng = np.random.default_rng([self.seed, self.epoch, index])
                     img = augment_image(img, s.question, rng, answers=s.answers)
                 item["image"] = img
-            if s.audio is not None and not self.drop_audio:
+            if s.audio is not None:
                 if self.feature_cache is not None:
                     item["audio_features"] = self.feature_cache.get(s.audio)
                 else:
                     clip = load_audio(s.audio, target_sr=self.sampling_rate, max_seconds=self.max_seconds)
                     item["waveform"], item["num_valid"] = clip.waveform, clip.num_valid
-        except DataError as err:
+        except (DataError, KeyError) as err:  # KeyError: a file the feature cache could not encode
             log.warning("skipped sample %s/%s: %s", s.dataset, s.id, err)
             return None
         return item
@@ -143,6 +142,11 @@ class BatchStream:
             self.dataset.samples, batch_size=self.batch_size, audio_ratio=ratio,
             dataset_weights=self._present_weights(), difficulties=set(self.difficulties) if self.difficulties else None,
             seed=self.seed, rank=self.rank, world_size=self.world_size)
+        if len(self._sampler) == 0 and self.difficulties:
+            log.warning("no full batch of %d with audio_ratio=%s among difficulties %s: ignoring the difficulty "
+                        "filter", self.batch_size, ratio, self.difficulties)
+            self.difficulties = None
+            return self._build()
         if len(self._sampler) == 0:
             raise ValueError(f"no full batch of {self.batch_size} can be drawn with audio_ratio={ratio} and "
                              f"difficulties={self.difficulties} from {len(self.dataset.samples)} samples")
@@ -162,8 +166,11 @@ class BatchStream:
     def _loader(self):
         self.dataset.set_epoch(self.epoch)
         batches = self._sampler.epoch_batches(self.epoch)
+        # A private generator: creating the iterator must not draw from the global RNG (which holds the
+        # dropout stream), or a resumed run - which re-creates it mid-epoch - would drift.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         loader = DataLoader(self.dataset, batch_sampler=_Batches(batches, self.position), collate_fn=self.collate,
-                            num_workers=self.num_workers)
+                            num_workers=self.num_workers, generator=generator)
         return iter(loader)
 
     def next(self) -> dict:

@@ -58,11 +58,25 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class Stopped(Exception):
+    """Raised after the checkpoint of ``stop_after``: the run ends there as if killed."""
+
+
 class Trainer:
     """Stage A: three phases, the curriculum, retention losses, checkpoints, evaluation."""
 
-    def __init__(self, cfg: SAFEConfig, output_dir: str | Path, *, resume: str | None = None):
+    def __init__(self, cfg: SAFEConfig, output_dir: str | Path, *, resume: str | None = None,
+                 stop_after: int | None = None):
+        """
+        Args:
+            cfg: the resolved config.
+            output_dir: the run folder.
+            resume: ``"latest"`` or a checkpoint folder.
+            stop_after: end the process's work right after the checkpoint of this global step, as a kill
+                would (tests of exact resume).
+        """
         self.cfg = cfg
+        self.stop_after = stop_after
         self.out = Path(output_dir)
         if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume = "latest"  # restarted by torchrun --max-restarts: pick up where we were
@@ -93,17 +107,19 @@ class Trainer:
             (self.out / "config.yaml").write_text(config_to_yaml(cfg))
         self._prepare_data()
         self._build_model()
+        self._build_cache()
         if self.main and cfg.train.trackers:
             self.acc.init_trackers("safe", config={"seed": cfg.train.seed})
 
     def _prepare_data(self) -> None:
         cfg = self.cfg
-        if cfg.data.synthetic and not (Path(cfg.data.root) / "meta.json").is_file():
+        if cfg.data.synthetic and not (Path(cfg.data.root) / "synthetic_meta.json").is_file():
             if self.main:
                 from safe_av.data.synthetic import write_synthetic
 
                 log.info("writing the synthetic corpus to %s", cfg.data.root)
-                write_synthetic(cfg.data.root, seed=cfg.data.synth_seed, small=cfg.data.synth_size == "small")
+                write_synthetic(cfg.data.root, seed=cfg.data.synth_seed, n_videos=cfg.data.synth_videos,
+                                n_vqa_images=cfg.data.synth_vqa_images, n_audio_clips=cfg.data.synth_audio_clips)
             self.acc.wait_for_everyone()
         names = sorted({d for p in cfg.train.phases for d in p.datasets} | {cfg.data.vqa_dataset})
         self.train_corpus = read_corpus(cfg.data, names, "train")
@@ -184,11 +200,22 @@ class Trainer:
         return self.train_corpus.of(*phase.datasets)
 
     def _feature_cache(self):
+        return self.cache
+
+    def _build_cache(self) -> None:
+        """Open the frozen-feature cache and encode the files it lacks (main process first)."""
+        self.cache = None
         if not self.cfg.data.feature_cache:
-            return None
+            return
         from safe_av.data.cache import FeatureCache
 
-        return FeatureCache.open(self.cfg.data.feature_cache, self.model)
+        paths = sorted({s.audio for c in (self.train_corpus, self.eval_corpus) for s in c.samples if s.audio})
+        if self.main:
+            cache = FeatureCache.open(self.cfg.data.feature_cache, self.model, max_seconds=self.cfg.data.max_audio_seconds)
+            stats = cache.build(self.model, paths)
+            log.info("feature cache %s: %s", cache.dir, stats)
+        self.acc.wait_for_everyone()
+        self.cache = FeatureCache.open(self.cfg.data.feature_cache, self.model, max_seconds=self.cfg.data.max_audio_seconds)
 
     # ================================================================== losses
 
@@ -267,7 +294,7 @@ class Trainer:
     def _predict(self, samples, **kw):
         return ev.predict(self.model, self.processor, samples, batch_size=self.cfg.eval.batch_size,
                           max_new_tokens=self.cfg.eval.max_new_tokens, max_seconds=self.cfg.data.max_audio_seconds,
-                          **kw)
+                          feature_cache=self.cache, **kw)
 
     def _stage_eval(self, stage: CurriculumStage) -> tuple[float | None, float | None]:
         """Held-out VL retention and the stage's audio accuracy (its difficulties, audio-dependent questions)."""
@@ -295,17 +322,12 @@ class Trainer:
             self.state.original_vqa_accuracy = ev.score_vqa(recs)
             self.state.original_vqa_subset = ev.score_vqa(recs[: len(self.vqa_subset)])
             log.info("original VQA accuracy %.4f", self.state.original_vqa_accuracy)
-        total = self._total_steps()
-        bar = tqdm(total=total, initial=self.state.global_step, disable=not self.main, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=self.state.global_step, initial=self.state.global_step, disable=not self.main, desc="train", dynamic_ncols=True)
         for index in range(self.state.phase, len(self.cfg.train.phases)):
             self._run_phase(index, bar, resume_from=start if index == self.state.phase else None)
             start = None
         bar.close()
         return self.finish()
-
-    def _total_steps(self) -> int:
-        # phase lengths are known only when each phase starts; the bar grows as they do
-        return 0
 
     def _run_phase(self, index: int, bar, resume_from: Path | None) -> None:
         cfg, st = self.cfg, self.state
@@ -353,6 +375,8 @@ class Trainer:
                 self._curriculum_tick(stream)
             if st.global_step % cfg.train.checkpoint_every == 0 or st.phase_step == steps:
                 self._save(optim, sched, stream)
+            if self.stop_after is not None and st.global_step >= self.stop_after:
+                raise Stopped(st.global_step)
 
     def _optimizer_step(self, model, optim, sched, stream: BatchStream, w: LossWeights) -> dict | None:
         """One optimizer step over ``grad_accum`` micro-batches; non-finite losses/grads skip the step."""
@@ -403,8 +427,7 @@ class Trainer:
     def _stage_index(self, phase: PhaseConfig) -> int | None:
         if not (phase.curriculum and self.curriculum is not None):
             return None
-        return self.curriculum.state_dict().get("stage_index", None) + 1 \
-            if "stage_index" in self.curriculum.state_dict() else None
+        return self.curriculum.index + 1
 
     def _curriculum_tick(self, stream: BatchStream) -> None:
         st, cc = self.state, self.cfg.curriculum
@@ -504,11 +527,7 @@ class Trainer:
         return metrics
 
     def _stage_starts(self) -> dict:
-        if self.curriculum is None:
-            return {}
-        stages = self.cfg.curriculum.stages
-        return {stages[int(i)].name if str(i).isdigit() else str(i): s
-                for i, s in self.curriculum.stage_start_steps.items()}
+        return dict(self.curriculum.stage_start_steps) if self.curriculum is not None else {}
 
 
 def evaluate_run(trainer: Trainer) -> dict:

@@ -9,6 +9,7 @@ determines it. SAFE then loads it through the same ``from_pretrained(path)`` as 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ def corpus_texts(samples: list[Sample]) -> list[str]:
 
 def _key(cfg: SAFEConfig, samples: list[Sample]) -> str:
     ids = sorted(f"{s.dataset}/{s.id}/{s.answers[0] if s.answers else ''}" for s in samples)
-    blob = json.dumps({"base": cfg.model.base, "seed": cfg.model.tiny_seed, "pretrain": to_dict(cfg.train.pretrain),
+    blob = json.dumps({"recipe": 2, "base": cfg.model.base, "seed": cfg.model.tiny_seed, "pretrain": to_dict(cfg.train.pretrain),
                        "samples": ids, "max_len": cfg.data.max_text_length}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -63,14 +64,16 @@ def pretrain_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Sa
                          image_token_id=base.image_token_id, num_image_tokens=base.num_image_tokens,
                          audio_token_id=-1, num_audio_tokens=0, family=base.family,
                          is_encoder_decoder=base.is_encoder_decoder, max_length=cfg.data.max_text_length)
-    dataset = SAFEDataset(train, sampling_rate=16000, augment=cfg.data.augment, seed=cfg.train.seed,
-                          drop_audio=True)
+    image_only = [dataclasses.replace(s, audio=None) for s in train]  # the sampler pools by audio presence
+    dataset = SAFEDataset(image_only, sampling_rate=16000, augment=cfg.data.augment, seed=cfg.train.seed)
     stream = BatchStream(dataset, proc.collate, batch_size=pre.batch_size, dataset_weights=None,
                          seed=cfg.train.seed)
     stream.configure(0.0, None)
     steps = max(1, int(pre.epochs * stream.batches_per_epoch()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=pre.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=pre.lr, total_steps=steps, pct_start=0.1)
+    warm = max(1, steps // 10)  # linear warm-up, then linear decay to 0
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
     t0 = time.time()
     for step in range(steps):
         batch = move_batch(stream.next(), device)

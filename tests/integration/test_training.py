@@ -1,0 +1,63 @@
+"""Stage A end to end on tiny models: phases, exact resume, metrics."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safe_av.training.loop import Stopped, Trainer
+from tests.integration.conftest import tiny_train_config
+
+
+def _losses(run):
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss/total" in r:
+            out[r["step"]] = r["loss/total"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(small_corpus, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    cfg = tiny_train_config(small_corpus, tmp, **{"train.optim.grad_accum": 2, "train.checkpoint_every": 1,
+                                                  "data.feature_cache": f"{tmp}/features"})
+    metrics = Trainer(cfg, tmp / "run").train()
+    return cfg, tmp, metrics
+
+
+def test_run_writes_metrics_report_adapter(full_run):
+    cfg, tmp, metrics = full_run
+    run = tmp / "run"
+    for key in ["original_vqa_accuracy", "safe_vqa_accuracy", "vl_retention", "avqa_accuracy", "avqa_accuracy_by_type",
+                "avqa_chance_accuracy", "audio_masked_avqa_accuracy", "curriculum_stages", "skipped_samples"]:
+        assert key in metrics, key
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 9
+    assert (run / "report.html").is_file()
+    assert (run / "adapter" / "adapter.safetensors").is_file()
+    assert (run / "config.yaml").is_file()
+    # the curriculum went through all four stages (max 2 steps each over the 7 curriculum steps)
+    assert list(metrics["curriculum_stages"]) == ["foundation", "development", "advanced", "mastery"]
+    events = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"event"' in l]
+    assert [e["phase"] for e in events if e["event"] == "phase_start"] == [1, 2, 3]
+    assert all(e["reason"] for e in events)
+
+
+def test_exact_resume_after_kill_mid_epoch_with_accumulation(full_run):
+    cfg, tmp, _ = full_run
+    run = tmp / "killed"
+    with pytest.raises(Stopped):
+        Trainer(cfg, run, stop_after=4).train()  # phase 2, mid-epoch, grad_accum=2
+    assert not (run / "metrics.json").exists()
+    Trainer(cfg, run, resume="latest").train()
+    ref, got = _losses(tmp / "run"), _losses(run)
+    assert sorted(got) == sorted(ref) and len(ref) == 9
+    for step in ref:
+        assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]}"
+    a = load_file(str(tmp / "run" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -1,0 +1,163 @@
+"""Trainability, gradients, save/load and path loading of SAFEModel."""
+
+import json
+
+import pytest
+import torch
+
+from safe_av.data.text import SAFEProcessor
+from safe_av.models.audio_encoders import masked_pool
+from safe_av.models.base_vl import BaseVL
+from safe_av.models.presets import load_audio_encoder, load_base
+from safe_av.models.safe_model import SAFEModel
+from tests.conftest import random_image, random_wave
+
+
+def _batch(model, rng):
+    proc = SAFEProcessor.from_model(model)
+    wave = random_wave(rng, proc.sampling_rate, 1.0)
+    return proc.collate([
+        dict(question="which instrument sounds", answer="violin", image=random_image(rng), waveform=wave,
+             num_valid=len(wave)),
+        dict(question="what color", answer="red", image=random_image(rng)),
+        dict(question="", answer="a drum", waveform=wave, num_valid=len(wave)),
+    ])
+
+
+@pytest.mark.parametrize("family", ["tiny-blip2-opt", "tiny-blip2-t5", "tiny-llava"])
+def test_gradients_reach_projector_and_fusion_and_no_frozen_parameter(tiny_models, rng, family):
+    cfg, vl, enc = tiny_models(family)
+    torch.manual_seed(0)
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64, projector_trainable=True,
+                      fusion_trainable=True).train()
+    with torch.no_grad():  # open the gates so every fusion weight is on the gradient path
+        model.fusion.attn_gate.fill_(0.5)
+        model.fusion.ffn_gate.fill_(0.5)
+    model(**_batch(model, rng)).loss.backward()
+    trainable = model.trainable_parameters()
+    assert trainable and all(n.startswith(("projector.", "fusion.")) for n in trainable)
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, f"frozen parameter {name} received a gradient"
+
+
+def test_closed_gates_still_get_gradient(tiny_models, rng):
+    cfg, vl, enc = tiny_models("tiny-blip2-opt")
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64).train()
+    model(**_batch(model, rng)).loss.backward()
+    assert model.fusion.attn_gate.grad.abs().item() > 0  # so the gates can open
+
+
+def test_unfreeze_base_module_and_teacher_uses_original_weights(tiny_models, rng):
+    cfg, vl, enc = tiny_models("tiny-llava")
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64, unfreeze=["multi_modal_projector"]).eval()
+    try:
+        names = model.trainable_parameters()
+        assert any(n.startswith("base.model.model.multi_modal_projector.") for n in names)
+        batch = _batch(model, rng)
+        before = model.teacher_forward(batch).token_logits
+        with torch.no_grad():
+            model.base.model.model.multi_modal_projector.linear_1.weight.add_(0.5)
+        after_student = model(**batch, use_audio=False).token_logits
+        after_teacher = model.teacher_forward(batch).token_logits
+        assert torch.equal(before, after_teacher)  # the teacher still sees the original weights
+        assert (after_student - before).abs().max() > 1e-3
+    finally:  # restore the shared session model
+        with torch.no_grad():
+            for k, v in model.anchors.items():
+                dict(model.named_parameters())[k].copy_(v)
+        vl.model.requires_grad_(False)
+
+
+def test_lora_starts_as_identity_and_disables(tiny_models, rng):
+    from peft import LoraConfig
+
+    cfg, _, enc = tiny_models("tiny-blip2-opt")
+    model_hf, proc = load_base("tiny-blip2-opt")
+    base = BaseVL(model_hf, proc)
+    ref = SAFEModel(BaseVL(*load_base("tiny-blip2-opt")), enc, num_audio_tokens=4, projector_hidden=64).eval()
+    model = SAFEModel(base, enc, num_audio_tokens=4, projector_hidden=64,
+                      lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).eval()
+    model.projector.load_state_dict(ref.projector.state_dict())
+    assert any("lora_" in n for n in model.trainable_parameters())
+    batch = _batch(model, rng)
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, ref(**batch).logits, atol=1e-6)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.1)
+        changed = model(**batch).logits
+        teacher = model.teacher_forward(batch).logits
+    assert (changed - ref(**batch).logits).abs().max() > 1e-3
+    assert torch.allclose(teacher, ref(**batch, use_audio=False).logits, atol=1e-6)
+
+
+def test_save_and_load_round_trip_without_pickle(tiny_models, rng, tmp_path):
+    cfg, vl, enc = tiny_models("tiny-blip2-opt")
+    torch.manual_seed(1)
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64).eval()
+    with torch.no_grad():
+        model.fusion.attn_gate.fill_(0.3)
+    model.save_pretrained(tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == ["adapter.safetensors", "adapter_config.json"]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["num_audio_tokens"] == 4 and config["projector_hidden"] == 64
+    loaded = SAFEModel.from_pretrained(tmp_path / "adapter", base=vl, audio_encoder=enc).eval()
+    batch = _batch(model, rng)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+    # only the adapter is saved, not the frozen base
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "adapter" / "adapter.safetensors")).keys()
+    assert all(k.startswith(("projector.", "fusion.")) for k in keys)
+
+
+def test_from_pretrained_names_missing_file(tiny_models, tmp_path):
+    cfg, vl, enc = tiny_models("tiny-blip2-opt")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        SAFEModel.from_pretrained(tmp_path, base=vl, audio_encoder=enc)
+
+
+@pytest.mark.parametrize("family,audio", [("tiny-blip2-t5", "tiny-whisper"), ("tiny-llava", "tiny-clap")])
+def test_build_from_local_path(tmp_path, rng, family, audio):
+    """Real loading code (from_pretrained on a folder) on tiny models saved to disk."""
+    model, proc = load_base(family)
+    model.save_pretrained(tmp_path / "base")
+    proc.save_pretrained(tmp_path / "base")
+    enc_model, fe = load_audio_encoder(audio)
+    enc_model.save_pretrained(tmp_path / "audio")
+    fe.save_pretrained(tmp_path / "audio")
+    from safe_av.models.audio_encoders import AudioEncoder
+
+    m1 = SAFEModel(BaseVL(model, proc), AudioEncoder(enc_model, fe), num_audio_tokens=4, projector_hidden=64)
+    m2 = SAFEModel(BaseVL(*load_base(str(tmp_path / "base"))),
+                   AudioEncoder(*load_audio_encoder(str(tmp_path / "audio"))), num_audio_tokens=4,
+                   projector_hidden=64)
+    m2.load_state_dict(m1.state_dict())
+    m1.eval(), m2.eval()
+    batch = _batch(m1, rng)
+    with torch.no_grad():
+        assert torch.allclose(m1(**batch).logits, m2(**batch).logits, atol=1e-6)
+
+
+def test_masked_pool_segments():
+    tokens = torch.arange(10, dtype=torch.float32).view(1, 10, 1).repeat(2, 1, 1)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, :8] = True  # 8 valid -> segments of 2
+    mask[1, :2] = True  # 2 valid, 4 segments -> nearest token repeated
+    out = masked_pool(tokens, mask, 4)[..., 0]
+    assert out[0].tolist() == [0.5, 2.5, 4.5, 6.5]
+    assert out[1].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_generate_for_each_family(tiny_models, rng):
+    for family in ["tiny-blip2-opt", "tiny-blip2-t5", "tiny-llava"]:
+        cfg, vl, enc = tiny_models(family)
+        model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64).eval()
+        wave = random_wave(rng, enc.sampling_rate, 1.0)
+        out = model.generate([random_image(rng), None], [wave, wave], ["what is it", ""], max_new_tokens=3)
+        assert len(out) == 2 and all(isinstance(s, str) for s in out)

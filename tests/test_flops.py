@@ -1,0 +1,154 @@
+"""FLOPs formulas checked against torch's own FlopCounterMode on tiny modules; MFU arithmetic."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from safe_av.config import SAFEConfig
+from safe_av.flops import (DEVICE_PEAK_FLOPS, attention_flops, matmul_flops, mfu, peak_flops,
+                           training_flops_per_step)
+
+
+def _count(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def _mlp(sizes, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def test_all_trainable_matches_flop_counter_exactly():
+    net = _mlp([32, 64, 48, 16])
+    x = torch.randn(4, 5, 32, requires_grad=True)
+    tokens = 4 * 5
+    n = sum(m.weight.numel() for m in net if isinstance(m, nn.Linear))
+    assert n == 32 * 64 + 64 * 48 + 48 * 16
+    out = {}
+    fwd = _count(lambda: out.setdefault("y", net(x)))
+    bwd = _count(lambda: out["y"].sum().backward())
+    assert fwd == matmul_flops(n, tokens, "frozen") == 2 * n * tokens
+    assert fwd + bwd == matmul_flops(n, tokens, "trainable") == 6 * n * tokens
+
+
+def test_frozen_and_trainable_split_4n_6n():
+    # input needs no grad -> L1 frozen (2N); L2 trains but its input needs no grad (4N: weight grad only);
+    # L3 frozen between trainable L2 and the loss (4N: input grad only); L4 trains and passes grad (6N).
+    net = _mlp([24, 40, 36, 28, 12])
+    lins = [m for m in net if isinstance(m, nn.Linear)]
+    lins[0].requires_grad_(False)
+    lins[2].requires_grad_(False)
+    x = torch.randn(3, 7, 24)
+    tokens = 21
+    out = {}
+    total = _count(lambda: out.setdefault("y", net(x))) + _count(lambda: out["y"].sum().backward())
+    n = [m.weight.numel() for m in lins]
+    expected = (matmul_flops(n[0], tokens, "frozen") + matmul_flops(n[1], tokens, "weight_grad")
+                + matmul_flops(n[2], tokens, "input_grad") + matmul_flops(n[3], tokens, "trainable"))
+    assert total == expected == tokens * (2 * n[0] + 4 * n[1] + 4 * n[2] + 6 * n[3])
+
+
+def test_frozen_stack_passing_gradient_is_4n():
+    net = _mlp([16, 32, 16])
+    net.requires_grad_(False)
+    x = torch.randn(6, 16, requires_grad=True)  # like the audio tokens entering the frozen LM
+    n = 16 * 32 + 32 * 16
+    out = {}
+    total = _count(lambda: out.setdefault("y", net(x))) + _count(lambda: out["y"].sum().backward())
+    assert total == matmul_flops(n, 6, "input_grad") == 4 * n * 6
+
+
+def test_attention_term_matches_flop_counter():
+    b, h, s, t, d = 2, 3, 5, 7, 8
+    q = torch.randn(b, h, s, d, requires_grad=True)
+    k = torch.randn(b, h, t, d, requires_grad=True)
+    v = torch.randn(b, h, t, d, requires_grad=True)
+    out = {}
+    fwd = _count(lambda: out.setdefault("o", torch.softmax(q @ k.transpose(-1, -2), -1) @ v))
+    bwd = _count(lambda: out["o"].sum().backward())
+    assert fwd == attention_flops(s, t, h * d, sequences=b, mode="frozen")
+    assert fwd + bwd == attention_flops(s, t, h * d, sequences=b, mode="input_grad")
+
+
+def test_recompute_adds_one_forward():
+    assert matmul_flops(10, 3, "input_grad", recompute=True) - matmul_flops(10, 3, "input_grad") == 2 * 10 * 3
+    assert attention_flops(4, 4, 8, mode="trainable", recompute=True) == 4 * attention_flops(4, 4, 8)
+    with pytest.raises(ValueError):
+        matmul_flops(1, 1, "nope")
+
+
+def test_mfu_and_device_peaks():
+    assert DEVICE_PEAK_FLOPS["H100 SXM"] == 989e12 and DEVICE_PEAK_FLOPS["A100"] == 312e12
+    assert DEVICE_PEAK_FLOPS["H200"] == 989e12 and DEVICE_PEAK_FLOPS["CPU"] is None
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("cpu") is None and peak_flops(None) is None
+    assert mfu(989e12, 2.0, 989e12) == pytest.approx(0.5)
+    assert mfu(1e12, 1.0, None) is None
+
+
+def _tiny_cfg(**model):
+    cfg = SAFEConfig()
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    cfg.model.projector.hidden_dim = 64
+    return cfg
+
+
+def test_training_flops_tiny_rows_follow_the_formula():
+    cfg = _tiny_cfg(base="tiny-blip2-opt", audio_encoder="tiny-whisper")
+    rep = training_flops_per_step(cfg, phase=0)
+    from safe_av.info import build_parts
+
+    parts = build_parts(cfg)
+    b = cfg.train.phases[0].batch_size
+    seq = parts.num_visual_tokens + cfg.model.num_audio_tokens + 32
+    lm = rep.row("language model")
+    n_lm = sum(m.weight.numel() for m in parts.lm_module.modules() if isinstance(m, nn.Linear))
+    assert lm.params == n_lm and lm.mode == "input_grad"
+    assert lm.flops == 4 * n_lm * seq * b + 3 * 4 * seq * seq * parts.lm.q_dim * parts.lm.layers * b
+    proj = rep.row("SAFE projector")
+    lin = [m.weight.numel() for m in parts.projector.modules() if isinstance(m, nn.Linear)]
+    assert proj.flops == (4 * lin[0] + 6 * lin[1]) * cfg.model.num_audio_tokens * b
+    # vision and audio encoders are frozen with nothing trainable upstream: forward only
+    assert rep.row("vision encoder").mode == "frozen" and rep.row("audio encoder").mode == "frozen"
+    assert rep.total == pytest.approx(sum(r.flops for r in rep.rows))
+    # cached audio features: no encoder FLOPs; checkpointing adds one LM forward
+    cfg.data.feature_cache = "runs/cache/audio"
+    cfg.model.gradient_checkpointing = True
+    rep2 = training_flops_per_step(cfg, phase=0, parts=parts)
+    assert rep2.row("audio encoder").flops == 0
+    head = parts.lm.vocab * parts.lm.hidden  # lm_head is not checkpointed
+    extra = 2 * (n_lm - head) * seq * b + 4 * seq * seq * parts.lm.q_dim * parts.lm.layers * b
+    assert rep2.row("language model").flops - lm.flops == extra
+
+
+def test_unfrozen_qformer_makes_downstream_pass_gradients():
+    cfg = _tiny_cfg(base="tiny-blip2-opt")
+    cfg.train.phases[-1].train = ["projector", "fusion", "base"]
+    cfg.train.phases[-1].unfreeze = ["qformer"]
+    rep = training_flops_per_step(cfg)
+    assert rep.row("vision encoder").mode == "frozen"
+    assert rep.row("Q-Former").mode == "trainable"
+    assert rep.row("base projector").mode == "input_grad"
+
+
+def test_real_preset_vision_flops_blip2():
+    cfg = SAFEConfig()
+    cfg.model.base, cfg.model.audio_encoder = "blip2-opt-2.7b", "clap-htsat-unfused"
+    rep = training_flops_per_step(cfg, phase=0)
+    b = cfg.train.phases[0].batch_size
+    vis = rep.row("vision encoder")
+    # ViT-g/14 at 224: 257 tokens; ~0.985e9 matmul weights -> 2 N t per image, + attention
+    assert vis.params == pytest.approx(0.985e9, rel=0.01)
+    assert vis.flops == pytest.approx(2 * vis.params * 257 * b, rel=0.05)
+    lm = rep.row("language model")
+    assert lm.flops == pytest.approx(4 * 2.65e9 * (32 + 8 + 32) * b, rel=0.05)

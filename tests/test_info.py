@@ -1,0 +1,237 @@
+"""safe info: shipped architecture files, parameter counts vs published numbers, memory estimate."""
+
+import socket
+
+import pytest
+import torch
+
+from safe_av.config import SAFEConfig
+from safe_av.info import (_act_elems_lm_layer, build_parts, format_table, lm_activation_bytes, main,
+                          model_summary)
+from safe_av.presets import ARCHES, available_arches, load_arch
+
+# Published parameter counts (hub model pages' safetensors totals / model cards):
+#   Salesforce/blip2-opt-2.7b  3.74e9 ("3.74B params"; OPT-2.7B ties lm_head to its embeddings)
+#   Salesforce/blip2-flan-t5-xl 3.94e9 (fp32 safetensors 9.96 GB + 5.81 GB = 15.77 GB / 4 B)
+#   llava-hf/llava-1.5-7b-hf   7.06e9 ("7.06B params")
+#   openai/whisper-large-v3    1.54e9 for WhisperForConditionalGeneration (Whisper paper: 1550M); its encoder
+#                              is 32 layers of d=1280, ffn 5120: 32*(4*1280^2+2*1280*5120+...) + convs = 0.637e9
+#   laion/clap-htsat-unfused   153.5e6 total ("153M params"); the HTSAT-tiny audio tower is Swin-T sized
+PUBLISHED = {"blip2-opt-2.7b": 3.745e9, "blip2-flan-t5-xl": 3.94e9, "llava-1.5-7b": 7.06e9}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("safe info tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+_PARTS = {}
+
+
+def parts_for(base, audio="clap-htsat-unfused"):
+    key = (base, audio)
+    if key not in _PARTS:
+        cfg = SAFEConfig()
+        cfg.model.base, cfg.model.audio_encoder = base, audio
+        _PARTS[key] = (cfg, build_parts(cfg))
+    return _PARTS[key]
+
+
+def test_arch_files_load_as_transformers_configs():
+    assert set(available_arches()) == set(ARCHES)
+    c = load_arch("blip2-opt-2.7b")
+    assert type(c).__name__ == "Blip2Config" and c.num_query_tokens == 32
+    assert (c.vision_config.hidden_size, c.vision_config.num_hidden_layers, c.vision_config.image_size,
+            c.vision_config.patch_size, c.vision_config.qkv_bias) == (1408, 39, 224, 14, True)
+    assert (c.qformer_config.hidden_size, c.qformer_config.num_hidden_layers) == (768, 12)
+    assert (c.text_config.hidden_size, c.text_config.num_hidden_layers, c.text_config.ffn_dim,
+            c.text_config.vocab_size) == (2560, 32, 10240, 50304)
+    t5 = load_arch("Salesforce/blip2-flan-t5-xl").text_config  # hub names resolve too
+    assert (t5.d_model, t5.d_ff, t5.num_heads, t5.num_layers, t5.vocab_size) == (2048, 5120, 32, 24, 32128)
+    ll = load_arch("llava-1.5-7b")
+    assert (ll.text_config.hidden_size, ll.text_config.intermediate_size, ll.text_config.vocab_size,
+            ll.vision_config.image_size, ll.vision_config.patch_size) == (4096, 11008, 32064, 336, 14)
+    w = load_arch("whisper-large-v3")
+    assert (w.d_model, w.encoder_layers, w.num_mel_bins, w.vocab_size) == (1280, 32, 128, 51866)
+    cl = load_arch("clap-htsat-unfused")
+    assert (cl.audio_config.hidden_size, list(cl.audio_config.depths), cl.audio_config.enable_fusion) == (
+        768, [2, 2, 6, 2], False)
+    with pytest.raises(ValueError, match="no architecture file"):
+        load_arch("nope")
+
+
+@pytest.mark.parametrize("base", sorted(PUBLISHED))
+def test_base_parameter_counts_match_published(base):
+    cfg, parts = parts_for(base)
+    s = model_summary(cfg, parts=parts)
+    assert s.base_params == pytest.approx(PUBLISHED[base], rel=0.01)
+
+
+def test_blip2_opt_component_counts():
+    cfg, parts = parts_for("blip2-opt-2.7b")
+    s = model_summary(cfg, parts=parts)
+    assert s.base_params == 3_744_761_856  # ~3.8e9 shown by safe info; 3.745e9 published
+    assert s.row("vision encoder").params == pytest.approx(0.986e9, rel=0.01)  # EVA ViT-g, ~1B
+    assert s.row("language model").params == pytest.approx(2.65e9, rel=0.01)  # OPT-2.7B: 2,651,596,800
+    # SAFE parts are built from the config dims: projector 768 -> 4096 -> 2560 + LayerNorm
+    assert s.row("SAFE projector").params == 768 * 4096 + 4096 + 4096 * 2560 + 2560 + 2 * 2560
+
+
+def test_audio_encoder_counts():
+    _, parts = parts_for("blip2-opt-2.7b", "whisper-large-v3")
+    n_enc = sum(p.numel() for p in parts.audio_encoder.parameters())
+    assert n_enc == pytest.approx(0.637e9, rel=0.01)
+    _, parts = parts_for("blip2-opt-2.7b", "clap-htsat-unfused")
+    n_clap = sum(p.numel() for p in parts.audio_encoder.parameters())
+    assert 27e6 <= n_clap <= 30e6  # HTSAT-tiny audio tower: 27.5M (+0.66M audio projection not used by SAFE)
+    assert parts.audio_dim == 768
+
+
+def _tiny_cfg(base="tiny-blip2-opt", audio="tiny-clap", lora=False):
+    cfg = SAFEConfig()
+    cfg.model.base, cfg.model.audio_encoder, cfg.model.num_audio_tokens = base, audio, 4
+    cfg.model.projector.hidden_dim = 64
+    cfg.model.lora.enabled = lora
+    return cfg
+
+
+@pytest.mark.parametrize("base,unfreeze,lora", [("tiny-blip2-opt", ["qformer"], False),
+                                                ("tiny-llava", ["multi_modal_projector"], False),
+                                                ("tiny-blip2-t5", ["language_projection"], False),
+                                                ("tiny-blip2-opt", [], True)])
+def test_tiny_counts_equal_the_real_safe_model(base, unfreeze, lora):
+    from safe_av.models.build import build_safe_model
+
+    cfg = _tiny_cfg(base, lora=lora)
+    cfg.train.phases[-1].train = ["projector", "fusion", "base"] + (["lora"] if lora else [])
+    cfg.train.phases[-1].unfreeze = unfreeze
+    for idx, ph in enumerate(cfg.train.phases):
+        s = model_summary(cfg, phase=idx)
+        model = build_safe_model(cfg.model, projector_trainable="projector" in ph.train,
+                                 fusion_trainable="fusion" in ph.train,
+                                 unfreeze=ph.unfreeze if "base" in ph.train else ())
+        if lora and "lora" not in ph.train:
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.requires_grad_(False)
+        assert s.total_params == sum(p.numel() for p in model.parameters())
+        assert s.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if lora:
+            assert s.row("LoRA").params == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def _saved_bytes(fn, params):
+    pids = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in pids:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("base", ["tiny-blip2-opt", "tiny-llava", "tiny-blip2-t5"])
+def test_lm_activation_formula_matches_autograd(base):
+    """The frozen LM's saved tensors (what backward to the audio tokens needs), measured with autograd's
+    saved-tensor hooks, against the per-layer formula: within 10%."""
+    from safe_av.models.base_vl import BaseVL
+    from safe_av.models.presets import build_tiny_base
+
+    model, proc = build_tiny_base(base)
+    bvl = BaseVL(model, proc)
+    parts = build_parts(_tiny_cfg(base))
+    b, s, a = 4, 48, 8
+    emb = torch.randn(b, s, bvl.hidden_size, requires_grad=True)
+    mask = torch.ones(b, s, dtype=torch.long)
+    labels = torch.randint(0, 20, (b, a)) if bvl.is_encoder_decoder else None
+
+    def step():
+        out = bvl.language_model(emb * 1.0, mask, labels=labels)
+        logits = out.logits.float()
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                          torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long))
+
+    measured = _saved_bytes(step, list(model.parameters()))
+    stored, _ = lm_activation_bytes(parts.lm, b, s, dtype_bytes=4, answer_tokens=a)
+    out_seq = a if bvl.is_encoder_decoder else s
+    stored += parts.lm.vocab * out_seq * 4 * b  # log-softmax output saved by cross-entropy
+    assert stored == pytest.approx(measured, rel=0.10)
+
+
+def test_memory_levers_are_consistent():
+    cfg, parts = parts_for("llava-1.5-7b")
+    s = model_summary(cfg, parts=parts)
+    lev = {m.lever: m for m in s.levers}
+    base = lev["as configured"]
+    assert s.memory is s.levers[0]
+    assert base.gradients == 4 * s.trainable_params and base.optimizer == 8 * s.trainable_params
+    assert base.peak == pytest.approx(base.weights + base.master + base.gradients + base.optimizer
+                                      + base.activations + base.transient)
+    assert lev["bf16"].weights < 0.55 * base.weights
+    assert lev["4-bit"].weights < lev["8-bit"].weights < lev["bf16"].weights
+    assert lev["grad checkpointing"].activations < 0.2 * base.activations
+    assert lev["4-bit + bf16 + checkpointing"].peak < lev["bf16 + checkpointing"].peak < lev["bf16"].peak
+    # the LLaVA LM layer at bf16: norms 2d + q,k,v,o 4d + gated FFN 3f per token, for 576+8+32 tokens
+    seq = 576 + 8 + 32
+    per_layer = seq * (6 * 4096 + 3 * 11008)
+    assert _act_elems_lm_layer(parts.lm, seq, eager=False) == per_layer
+    assert lev["bf16"].activations > 32 * per_layer * 2 * cfg.train.phases[-1].batch_size
+
+
+def test_phase_trainability_and_table():
+    cfg, parts = parts_for("blip2-opt-2.7b")
+    s0 = model_summary(cfg, phase=0, parts=parts)
+    assert s0.trainable_params == s0.row("SAFE projector").params
+    s2 = model_summary(cfg, parts=parts)  # default: the last phase (projector + fusion)
+    assert s2.phase_index == len(cfg.train.phases) - 1
+    assert s2.trainable_params == s2.row("SAFE projector").params + s2.row("SAFE fusion").params
+    text = format_table(s2)
+    for word in ("vision encoder", "Q-Former", "language model", "audio encoder", "SAFE fusion", "PEAK",
+                 "grad checkpointing", "4-bit"):
+        assert word in text
+    with pytest.raises(ValueError):
+        model_summary(cfg, phase=7, parts=parts)
+
+
+def test_main_prints_summary(capsys):
+    assert main(_tiny_cfg()) == 0
+    out = capsys.readouterr().out
+    assert "PEAK" in out and "TFLOP" in out
+
+
+def test_unknown_base_without_arch_is_refused():
+    cfg = SAFEConfig()
+    cfg.model.base = "someone/some-model"
+    with pytest.raises(ValueError, match="model.arch"):
+        build_parts(cfg)
+
+
+# Peak memory measured on one NVIDIA H100 80GB (torch 2.11, transformers 5.17), randomly initialised weights
+# built from these same architecture files: CLAP tower + base on the GPU, SAFE projector + fusion trained with
+# AdamW under bf16 autocast, LM fed [32|576 visual][8 audio][32 text] embeddings; torch.cuda.max_memory_allocated
+# over the second step (optimizer states allocated). GiB.
+H100_MEASURED = [
+    ("blip2-opt-2.7b", "bfloat16", False, 8, 10.12),
+    ("blip2-opt-2.7b", "float32", False, 8, 21.91),  # fp32 weights + bf16 autocast: bf16 weight copies saved
+    ("llava-1.5-7b", "bfloat16", False, 4, 27.34),
+    ("llava-1.5-7b", "bfloat16", True, 8, 20.31),
+]
+
+
+@pytest.mark.parametrize("base,dtype,gc,batch,measured", H100_MEASURED)
+def test_predicted_peak_matches_h100_measurement(base, dtype, gc, batch, measured):
+    cfg = SAFEConfig()
+    cfg.model.base, cfg.model.audio_encoder = base, "clap-htsat-unfused"
+    cfg.model.dtype, cfg.train.mixed_precision, cfg.model.gradient_checkpointing = dtype, "bf16", gc
+    cfg.train.phases[-1].batch_size = batch
+    peak = model_summary(cfg, parts=parts_for(base)[1]).memory.peak / 2**30
+    assert peak == pytest.approx(measured, rel=0.05)
