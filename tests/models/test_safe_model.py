@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -161,3 +163,38 @@ def test_generate_for_each_family(tiny_models, rng):
         wave = random_wave(rng, enc.sampling_rate, 1.0)
         out = model.generate([random_image(rng), None], [wave, wave], ["what is it", ""], max_new_tokens=3)
         assert len(out) == 2 and all(isinstance(s, str) for s in out)
+
+
+@pytest.mark.parametrize("family", ["tiny-blip2-opt", "tiny-llava"])
+def test_gradient_checkpointing_still_reaches_audio_tokens(rng, family):
+    """Checkpointing the frozen LM must not cut the gradient path to the audio tokens."""
+    from safe_av.models.audio_encoders import AudioEncoder
+
+    enc = AudioEncoder(*load_audio_encoder("tiny-clap"))
+    grads = []
+    for checkpointing in (False, True):
+        hf, proc = load_base(family)
+        if checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(0)
+        model = SAFEModel(BaseVL(hf, proc), enc, num_audio_tokens=4, projector_hidden=64, projector_dropout=0.0,
+                          fusion_dropout=0.0).train()
+        batch = _batch(model, np.random.default_rng(0))
+        model(**batch).loss.backward()
+        grads.append(model.projector.projection[0].weight.grad.clone())
+        if checkpointing:
+            lm = model.base.language_model_module()
+            assert any(getattr(m, "gradient_checkpointing", False) and m.training for m in lm.modules())
+    assert grads[1].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_train_mode_base_has_no_dropout(tiny_models, rng):
+    """The frozen base computes the same in train and eval mode (its dropout is removed)."""
+    cfg, vl, enc = tiny_models("tiny-blip2-opt")
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64, projector_dropout=0.0, fusion_dropout=0.0)
+    batch = _batch(model, rng)
+    with torch.no_grad():
+        a = model.train()(**batch).logits
+        b = model.eval()(**batch).logits
+    assert torch.equal(a, b)

@@ -53,6 +53,7 @@ class BaseVL(nn.Module):
         self.hidden_size = model.get_input_embeddings().embedding_dim
         self.vocab_size = model.get_output_embeddings().out_features
         self.model.requires_grad_(False)
+        disable_dropout(self.model)
         self.model.eval()
 
     @property
@@ -73,11 +74,14 @@ class BaseVL(nn.Module):
         return "right" if self.is_encoder_decoder else "left"
 
     def train(self, mode: bool = True):
-        # The base stays in eval mode (no dropout) even when parts of it are unfrozen: SAFE's phase 3
-        # tunes a few modules of a pretrained model whose dropout the teacher must not see.
-        super().train(mode)
-        self.model.eval()
-        return self
+        # Dropout is removed from the frozen base at construction (the teacher and the student must see the
+        # same network), so train mode changes only one thing: transformers' gradient checkpointing, which
+        # runs only in training mode.
+        return super().train(mode)
+
+    def language_model_module(self) -> nn.Module:
+        """The language model (decoder / encoder-decoder) inside the VL model: where LoRA goes."""
+        return self.model.language_model if self.family == "blip2" else self.model.model.language_model
 
     def vision_modules(self) -> dict[str, nn.Module]:
         """Named modules of the visual path that phase 3 may unfreeze."""
@@ -138,3 +142,14 @@ class BaseVL(nn.Module):
             return self.model.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                                       **kwargs)
         return self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout of a frozen model: ``nn.Dropout`` modules and the float ``*dropout*`` attributes
+    that transformers' attention and decoder layers pass to ``F.dropout``."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if ("dropout" in name or name == "layerdrop") and isinstance(value, float):
+                setattr(module, name, 0.0)

@@ -87,7 +87,7 @@ class SAFEModel(nn.Module):
         if lora is not None:
             from peft import inject_adapter_in_model
 
-            inject_adapter_in_model(lora, self.base.model.language_model)
+            inject_adapter_in_model(lora, self.base.language_model_module())
         self._arch = dict(num_audio_tokens=num_audio_tokens, projector_hidden=projector_hidden,
                           projector_dropout=projector_dropout, fusion=fusion, fusion_heads=fusion_heads,
                           fusion_ffn_mult=fusion_ffn_mult, fusion_dropout=fusion_dropout)
@@ -135,7 +135,7 @@ class SAFEModel(nn.Module):
                 if key not in self.anchors:
                     self.anchors[key] = p.detach().clone()
         if lora:
-            for name, p in self.base.model.language_model.named_parameters():
+            for name, p in self.base.language_model_module().named_parameters():
                 if "lora_" in name:
                     p.requires_grad_(True)
 
