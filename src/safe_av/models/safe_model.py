@@ -126,6 +126,7 @@ class SAFEModel(nn.Module):
         elif fusion:
             raise ValueError("fusion_trainable=True but the model was built without a fusion layer")
         self.unfrozen = list(unfreeze)
+        self.unfrozen_ever = list(dict.fromkeys(getattr(self, "unfrozen_ever", []) + self.unfrozen))
         for name in self.unfrozen:
             module = self._base_module(name)
             module.requires_grad_(True)
@@ -138,6 +139,12 @@ class SAFEModel(nn.Module):
             for name, p in self.base.language_model_module().named_parameters():
                 if "lora_" in name:
                     p.requires_grad_(True)
+
+    def _apply(self, fn, recurse: bool = True):
+        # anchors (θ*) are plain tensors, not parameters: move/cast them with the module
+        super()._apply(fn, recurse)
+        self.anchors = {k: fn(v) for k, v in self.anchors.items()}
+        return self
 
     def _qualified(self, module: nn.Module) -> str:
         for name, m in self.named_modules():
@@ -361,7 +368,7 @@ class SAFEModel(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file(self.adapter_state_dict(), str(path / ADAPTER_WEIGHTS))
-        config = dict(self._arch, unfreeze=self.unfrozen, audio_token=AUDIO_TOKEN,
+        config = dict(self._arch, unfreeze=self.unfrozen_ever, audio_token=AUDIO_TOKEN,
                       lora=self.lora_config.to_dict() if self.lora_config is not None else None,
                       base_family=self.base.family_name, audio_kind=self.audio_encoder.kind)
         config.update(extra_config or {})

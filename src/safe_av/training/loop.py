@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from safe_av.config import ConfigError, PhaseConfig, SAFEConfig, config_to_yaml
+from safe_av.config import ConfigError, PhaseConfig, SAFEConfig, config_to_yaml, to_dict
 from safe_av.data.text import SAFEProcessor, move_batch
 from safe_av.eval import evaluate as ev
 from safe_av.models.build import build_audio_encoder, build_base, build_safe_model
@@ -85,6 +85,9 @@ class Trainer:
         trackers = [t for t in cfg.train.trackers if t in ("tensorboard", "wandb")]
         self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None,
                                project_dir=str(self.out), kwargs_handlers=[ddp])
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and self.acc.num_processes == 1:
+            raise RuntimeError("launched as one of several processes (WORLD_SIZE > 1) but accelerate set up no "
+                               "distributed run: on CPU set ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`)")
         self.state = TrainState()
         self.t0 = time.time()
 
@@ -134,12 +137,13 @@ class Trainer:
             from safe_av.training.pretrain import pretrain_tiny_base
 
             vl_train = [s for s in self.train_corpus.samples
-                        if s.image is not None and (s.audio is None or _image_question(s))]
+                        if s.image is not None and (s.audio is None or image_question(s))]
             vocab = self.train_corpus.samples + self.eval_corpus.samples
             if self.main:
                 base_path = pretrain_tiny_base(cfg, vl_train, vocab, device=self.acc.device)
             self.acc.wait_for_everyone()
             base_path = pretrain_tiny_base(cfg, vl_train, vocab) if base_path is None else base_path
+        self.base_path = base_path
         base = build_base(cfg.model, base=str(base_path) if base_path else None)
         if cfg.train.mixed_precision == "fp16" and base.is_encoder_decoder:
             raise ConfigError("train.mixed_precision='fp16': refused for FlanT5 (T5 overflows in fp16); use bf16 or no")
@@ -185,7 +189,8 @@ class Trainer:
         sched = build_scheduler(optim, warmup_steps=min(cfg.train.optim.warmup_steps, steps // 2),
                                 steps_per_epoch=per_epoch, restart_epochs=cfg.train.optim.restart_epochs,
                                 min_lr=cfg.train.optim.min_lr)
-        model, optim = self.acc.prepare(self.model, optim) if self.acc.num_processes > 1 else (self.model, optim)
+        model, optim = (self.acc.prepare(_TouchAllTrainable(self.model), optim) if self.acc.num_processes > 1
+                        else (self.model, optim))
         self.ddp_model = model
         n_train = sum(p.numel() for p in self.model.trainable_parameters().values())
         log.info("phase %d (%s): %d steps, trainable %d parameters in %s", index + 1, phase.name, steps, n_train,
@@ -375,6 +380,7 @@ class Trainer:
                 self._curriculum_tick(stream)
             if st.global_step % cfg.train.checkpoint_every == 0 or st.phase_step == steps:
                 self._save(optim, sched, stream)
+                self.acc.wait_for_everyone()  # no rank goes on (or stops) before rank 0's checkpoint is complete
             if self.stop_after is not None and st.global_step >= self.stop_after:
                 raise Stopped(st.global_step)
 
@@ -397,11 +403,14 @@ class Trainer:
                 loss, parts = self.compute_loss(model, batch, w)
             if not torch.isfinite(loss):
                 finite = False
-                continue
+                if self.acc.num_processes == 1:
+                    continue  # several processes: backward anyway, every rank must run the same all-reduces
             self.acc.backward(loss / accum)
             for k, v in parts.items():
                 totals[f"loss/{k}"] = totals.get(f"loss/{k}", 0.0) + float(v.detach()) / accum
             totals["loss/total"] = totals.get("loss/total", 0.0) + float(loss.detach()) / accum
+        if self.acc.num_processes > 1:  # one rank's non-finite loss skips the step on all of them
+            finite = bool(self.acc.gather(torch.tensor([float(finite)], device=self.acc.device)).min() > 0)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = self.acc.clip_grad_norm_(params, cfg.train.optim.grad_clip) if finite else torch.tensor(float("nan"))
         if not finite or not torch.isfinite(torch.as_tensor(grad_norm)):
@@ -440,6 +449,11 @@ class Trainer:
         for event in self.curriculum.update(st.global_step, retention=retention, audio_accuracy=audio):
             self._log_jsonl(event.to_record())
             log.info("curriculum: %s", event.reason)
+        if self.acc.num_processes > 1:  # rank 0 decides (each rank's loss window holds its own losses): all follow
+            from accelerate.utils import broadcast_object_list
+
+            shared = broadcast_object_list([self.curriculum.state_dict()], from_process=0)
+            self.curriculum.load_state_dict(shared[0])
         now = self.curriculum.current
         if now is not before:
             stream.configure(now.audio_ratio, list(now.difficulties))
@@ -514,8 +528,10 @@ class Trainer:
                        skipped_steps=st.skipped_steps, bad_annotations=self.bad_annotations, steps=st.global_step,
                        phase_starts=st.phase_starts, train_seconds=round(time.time() - self.t0, 1))
         if self.main:
-            self.model.save_pretrained(self.out / "adapter", extra_config={"base": self.cfg.model.base,
-                                                                         "audio_encoder": self.cfg.model.audio_encoder})
+            base_path = str(Path(self.base_path).resolve()) if self.base_path else None
+            self.model.save_pretrained(self.out / "adapter", extra_config={
+                "base": self.cfg.model.base, "audio_encoder": self.cfg.model.audio_encoder, "base_path": base_path,
+                "model": to_dict(self.cfg.model)})
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
             try:
                 from safe_av.eval.report import write_report
@@ -572,7 +588,8 @@ def compute_fisher(trainer: Trainer, params: dict) -> dict:
     return estimate_fisher(lambda b: trainer.model(**b).loss, params, batches, max_batches=cfg.loss.fisher_batches)
 
 
-def _image_question(sample) -> bool:
+def image_question(sample) -> bool:
+    """A sample whose question is answerable from the image alone."""
     return _image_question_meta({"question_type": sample.question_type, "dataset": sample.dataset})
 
 
@@ -603,6 +620,25 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+class _TouchAllTrainable(torch.nn.Module):
+    """What DDP wraps: the model, with ``0 x`` every trainable parameter added to its loss.
+
+    A rank whose batch has no audio never calls the projector/fusion: in phases 1-2 its loss would then
+    not require grad at all (backward fails) and the gradient all-reduce would not match the other ranks.
+    The zero term gives every trainable parameter an exact zero gradient instead; values are unchanged.
+    """
+
+    def __init__(self, model: SAFEModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch):
+        out = self.model(**batch)
+        if out.loss is not None:
+            out.loss = out.loss + 0.0 * sum(p.sum() for p in self.model.parameters() if p.requires_grad)
+        return out
 
 
 def train(cfg: SAFEConfig, output_dir: str | Path, *, resume: str | None = None) -> dict:

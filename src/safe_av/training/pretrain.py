@@ -36,9 +36,14 @@ def corpus_texts(samples: list[Sample]) -> list[str]:
 
 def _key(cfg: SAFEConfig, samples: list[Sample]) -> str:
     ids = sorted(f"{s.dataset}/{s.id}/{s.answers[0] if s.answers else ''}" for s in samples)
-    blob = json.dumps({"recipe": 2, "base": cfg.model.base, "seed": cfg.model.tiny_seed, "pretrain": to_dict(cfg.train.pretrain),
+    blob = json.dumps({"recipe": 3, "base": cfg.model.base, "seed": cfg.model.tiny_seed, "pretrain": to_dict(cfg.train.pretrain),
                        "samples": ids, "max_len": cfg.data.max_text_length}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretrained_base_folder(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Sample]) -> Path:
+    """Where :func:`pretrain_tiny_base` keeps (or will keep) the base for these inputs."""
+    return Path(cfg.train.pretrain.cache_dir) / f"{cfg.model.base}-{_key(cfg, train + vocabulary)}"
 
 
 def pretrain_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Sample], *,
@@ -51,7 +56,7 @@ def pretrain_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Sa
         vocabulary: samples whose text the tokenizer must cover.
     """
     pre = cfg.train.pretrain
-    folder = Path(pre.cache_dir) / f"{cfg.model.base}-{_key(cfg, train + vocabulary)}"
+    folder = pretrained_base_folder(cfg, train, vocabulary)
     if (folder / "DONE").is_file():
         log.info("pretrained tiny base: reusing %s", folder)
         return folder

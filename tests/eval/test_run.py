@@ -1,0 +1,341 @@
+"""``safe eval`` / ``safe infer`` / ``safe_av.api`` on fake runs: tiny models saved without training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from safe_av import api
+from safe_av.cli import main as cli
+from safe_av.config import SAFEConfig, save_config
+from safe_av.data.text import SAFEProcessor
+from safe_av.eval import evaluate as ev
+from safe_av.eval.run import InputError, evaluate_checkpoint, locate_checkpoint
+from safe_av.models.build import build_audio_encoder, build_base, build_safe_model
+
+EXPECTED_KEYS = {
+    "checkpoint", "checkpoint_kind", "weights", "base", "base_path", "split", "n_samples", "n_evaluated",
+    "original_vqa_accuracy", "safe_vqa_accuracy", "vl_retention", "feature_similarity",
+    "avqa_accuracy", "avqa_accuracy_by_type", "avqa_accuracy_by_question_type", "audio_dependent_accuracy",
+    "temporal_accuracy", "audio_masked_avqa_accuracy", "audio_masked_audio_dependent_accuracy",
+    "audio_shuffled_avqa_accuracy", "audio_shuffled_audio_dependent_accuracy", "original_avqa_accuracy",
+    "avqa_chance_accuracy", "avqa_majority_accuracy", "audio_dependent_chance_accuracy",
+    "audio_dependent_majority_accuracy", "audio_gain", "caption_metrics", "retrieval", "predictions_file",
+    "skipped_samples", "missing_datasets",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: intra-op threads only add synchronisation (and stall on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from safe_av.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("corpus")
+    write_synthetic(root, seed=0, small=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def same_audio_corpus(corpus, tmp_path_factory):
+    """The corpus with every MUSIC-AVQA clip replaced by the same file."""
+    root = tmp_path_factory.mktemp("same_audio") / "data"
+    shutil.copytree(corpus, root)
+    clips = sorted((root / "musicavqa" / "audio").glob("*.wav"))
+    for clip in clips[1:]:
+        shutil.copyfile(clips[0], clip)
+    return root
+
+
+def make_cfg(root: Path) -> SAFEConfig:
+    cfg = SAFEConfig()
+    cfg.data.root = str(root)
+    cfg.model.num_audio_tokens = 4
+    cfg.model.projector.hidden_dim = 32
+    cfg.model.fusion.num_heads = 4
+    cfg.train.pretrain.enabled = False  # the base is the random tiny preset, deterministic from model.tiny_seed
+    cfg.train.trackers = []
+    cfg.eval.batch_size = 16
+    cfg.eval.max_new_tokens = 3
+    return cfg
+
+
+def open_gates(model) -> None:
+    """Make the adapter do something: open the fusion gates."""
+    with torch.no_grad():
+        model.fusion.attn_gate.fill_(1.0)
+        model.fusion.ffn_gate.fill_(1.0)
+
+
+def fake_run(folder: Path, cfg: SAFEConfig, *, unfreeze=()) -> Path:
+    torch.manual_seed(0)
+    model = build_safe_model(cfg.model, unfreeze=unfreeze)
+    open_gates(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder / "config.yaml")
+    model.save_pretrained(folder / "adapter", extra_config={"base": cfg.model.base,
+                                                            "audio_encoder": cfg.model.audio_encoder})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    return fake_run(tmp_path_factory.mktemp("run") / "run", make_cfg(corpus))
+
+
+def read_predictions(path) -> dict:
+    """(set, condition) -> {id: prediction}."""
+    out: dict = {}
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        out.setdefault((r["set"], r["condition"]), {})[r["id"]] = r["prediction"]
+    return out
+
+
+def test_random_tiny_base_is_deterministic(corpus):
+    cfg = make_cfg(corpus)
+    a, b = build_base(cfg.model), build_base(cfg.model)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_locate_checkpoint_kinds_and_errors(run, tmp_path):
+    assert locate_checkpoint(run).kind == "run"
+    assert locate_checkpoint(run / "adapter").kind == "adapter"
+    assert locate_checkpoint(run / "adapter").config == run / "config.yaml"
+    with pytest.raises(FileNotFoundError, match="not found"):
+        locate_checkpoint(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="neither a run folder"):
+        locate_checkpoint(tmp_path)
+
+
+def test_safe_eval_cli_writes_metrics_and_predictions(run, corpus, tmp_path, capsys):
+    out = tmp_path / "eval" / "metrics.json"
+    assert cli(["eval", "--config", str(run / "config.yaml"), "--checkpoint", str(run), "--output", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    result = json.loads(out.read_text())
+    assert EXPECTED_KEYS <= set(result)
+    assert printed["avqa_accuracy"] == result["avqa_accuracy"]
+    assert result["split"] == "val" and result["checkpoint_kind"] == "run" and result["base_path"] is None
+    assert result["n_evaluated"] == result["n_samples"] and result["skipped_samples"] == 0
+    assert set(result["avqa_accuracy_by_type"]) >= {"Audio (avg)", "Visual (avg)", "AV (avg)", "Overall"}
+    assert set(result["caption_metrics"]) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d"}
+    assert "skipped" in result["retrieval"]  # one val clip: nothing to rank
+    assert 0.0 <= result["avqa_chance_accuracy"] <= 1.0
+
+    preds = read_predictions(result["predictions_file"])
+    assert result["predictions_file"] == str(tmp_path / "eval" / "metrics.predictions.jsonl")
+    assert set(preds) == {("vqa", "safe"), ("vqa", "original"), ("avqa", "safe"), ("avqa", "audio_removed"),
+                          ("avqa", "audio_shuffled"), ("avqa", "original"), ("caption", "safe")}
+    # nothing in the base was unfrozen: audio removed is the original model, sample by sample
+    assert preds[("avqa", "audio_removed")] == preds[("avqa", "original")]
+    assert result["audio_masked_avqa_accuracy"] == result["original_avqa_accuracy"]
+    # and VQA (no audio) is untouched: retention exactly 1 wherever it is defined, features identical
+    assert preds[("vqa", "safe")] == preds[("vqa", "original")]
+    assert result["feature_similarity"] == pytest.approx(1.0, abs=1e-6)
+    # the audio does reach the answers (otherwise the equalities above would say nothing)
+    assert preds[("avqa", "safe")] != preds[("avqa", "audio_removed")]
+
+    # the loaded model is the saved one around the same base: same answers as the in-memory model
+    cfg = make_cfg(corpus)
+    torch.manual_seed(0)
+    model = build_safe_model(cfg.model, base=build_base(cfg.model), audio_encoder=build_audio_encoder(cfg.model))
+    open_gates(model)
+    proc = SAFEProcessor.from_model(model)
+    from safe_av.training.data import read_corpus
+
+    avqa = read_corpus(cfg.data, ["musicavqa"], "val").samples
+    recs = ev.predict(model.eval(), proc, avqa, batch_size=16, max_new_tokens=3)
+    assert {r["id"]: r["prediction"] for r in recs} == preds[("avqa", "safe")]
+
+
+def test_shuffled_audio_equals_full_when_all_clips_are_identical(same_audio_corpus, tmp_path):
+    cfg = make_cfg(same_audio_corpus)
+    run_dir = fake_run(tmp_path / "run", cfg)
+    cfg.data.caption_dataset = ""  # only AVQA and VQA here
+    result = evaluate_checkpoint(cfg, str(run_dir / "adapter"), split=None, output=str(tmp_path / "m.json"))
+    preds = read_predictions(result["predictions_file"])
+    assert len(preds[("avqa", "safe")]) > 1
+    assert preds[("avqa", "audio_shuffled")] == preds[("avqa", "safe")]
+    assert result["audio_shuffled_avqa_accuracy"] == result["avqa_accuracy"]
+    assert result["audio_gain"]["avqa_vs_audio_shuffled"] == 0.0
+    assert "caption_metrics" not in result and result["checkpoint_kind"] == "adapter"
+
+
+def test_training_checkpoint_with_unfrozen_base_uses_original_weights(corpus, tmp_path):
+    """A checkpoint whose adapter state changed language_projection: "original" is the untouched base."""
+    cfg = make_cfg(corpus)
+    cfg.train.phases[-1].train = ["projector", "fusion", "base"]
+    cfg.train.phases[-1].unfreeze = ["language_projection"]
+    cfg.train.phases[-1].lr = {"projector": 1e-4, "fusion": 1e-4, "base": 1e-4}
+    cfg.data.caption_dataset = ""
+    cfg.eval.max_samples = 6
+    torch.manual_seed(0)
+    model = build_safe_model(cfg.model, unfreeze=["language_projection"])
+    with torch.no_grad():
+        proj = model.base.model.language_projection
+        proj.weight.add_(torch.randn_like(proj.weight))
+        proj.bias.add_(torch.randn_like(proj.bias))
+    step = tmp_path / "run" / "checkpoints" / "step-0000003"
+    step.mkdir(parents=True)
+    save_file(model.adapter_state_dict(), str(step / "model.safetensors"))
+    save_config(cfg, step / "config.yaml")
+    assert any(k.endswith("language_projection.weight") for k in model.adapter_state_dict())
+
+    result = evaluate_checkpoint(cfg, str(step), split="val", output=str(tmp_path / "m.json"))
+    assert result["checkpoint_kind"] == "checkpoint"
+    preds = read_predictions(result["predictions_file"])
+
+    pristine = build_safe_model(cfg.model)  # the same random base, never modified
+    proc = SAFEProcessor.from_model(pristine)
+    from safe_av.training.data import read_corpus
+
+    data = read_corpus(cfg.data, ["vqav2", "musicavqa"], "val")
+    for dataset, key in (("vqav2", "vqa"), ("musicavqa", "avqa")):
+        recs = ev.predict(pristine.eval(), proc, data.of(dataset)[:6], batch_size=16, max_new_tokens=3,
+                          use_audio=False)
+        assert {r["id"]: r["prediction"] for r in recs} == preds[(key, "original")]
+    # SAFE itself runs with the changed projection
+    assert preds[("vqa", "safe")] != preds[("vqa", "original")]
+
+
+# ------------------------------------------------------------------ safe infer / the API
+
+
+@pytest.fixture(scope="module")
+def media(corpus):
+    frames = sorted((corpus / "musicavqa" / "frames").iterdir())[0]
+    image = sorted(frames.glob("*.jpg"))[0]
+    audio = sorted((corpus / "musicavqa" / "audio").glob("*.wav"))[0]
+    return image, audio
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    return api.load(run, max_new_tokens=4)
+
+
+def test_infer_single_question(run, media, capsys, loaded):
+    image, audio = media
+    rc = cli(["infer", "--checkpoint", str(run), "--image", str(image), "--audio", str(audio),
+              "--question", "Which instrument is playing?", "--max-new-tokens", "4"])
+    assert rc == 0
+    answer = capsys.readouterr().out.strip()
+    assert answer == loaded.answer("Which instrument is playing?", image=image, audio=audio)
+
+
+def test_infer_single_missing_file(run, media, tmp_path, capsys):
+    image, _ = media
+    rc = cli(["infer", "--checkpoint", str(run), "--image", str(image), "--audio", str(tmp_path / "gone.wav"),
+              "--question", "What sounds?"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "gone.wav" in err and "'audio'" in err and "not found" in err
+
+
+def test_infer_usage_errors(run, capsys):
+    assert cli(["infer", "--checkpoint", str(run)]) == 2
+    assert "--question" in capsys.readouterr().err
+
+
+def test_infer_jsonl_reports_bad_lines_and_goes_on(run, media, tmp_path, capsys, loaded):
+    image, audio = media
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not an image")
+    shutil.copyfile(audio, tmp_path / "clip.wav")
+    lines = [
+        json.dumps({"image": str(image), "audio": str(audio), "question": "How many instruments are sounding?"}),
+        json.dumps({"image": str(image), "question": "What is on the left?"}),
+        json.dumps({"audio": "clip.wav", "question": "Is a piano playing?"}),  # relative to the JSONL's folder
+        "[1, 2]",
+        json.dumps({"image": str(image)}),
+        json.dumps({"audio": str(tmp_path / "missing.wav"), "question": "What sounds?"}),
+        json.dumps({"image": str(corrupt), "question": "What colour?"}),
+        "{not json",
+        "",
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out" / "answers.jsonl"
+    rc = cli(["infer", "--checkpoint", str(run), "--input", str(src), "--output", str(out), "--max-new-tokens", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [("answer" in r) for r in records] == [True, True, True, False, False, False, False, False]
+    errors = {r["line"]: r["error"] for r in records if "error" in r}
+    assert errors[4].startswith(f"{src}:4:") and "JSON object" in errors[4]
+    assert errors[5].startswith(f"{src}:5:") and "'question' is missing" in errors[5]
+    assert errors[6].startswith(f"{src}:6:") and "'audio'" in errors[6] and "missing.wav" in errors[6]
+    assert errors[7].startswith(f"{src}:7:") and "'image'" in errors[7] and "corrupt" in errors[7]
+    assert errors[8].startswith(f"{src}:8:") and "not valid JSON" in errors[8]
+    assert "answered 3 of 8 lines, 5 failed" in err
+    assert records[0]["answer"] == loaded.answer("How many instruments are sounding?", image=image, audio=audio)
+    assert records[1]["answer"] == loaded.answer("What is on the left?", image=image)
+
+
+def test_api_answer_and_batch(run, media, loaded):
+    image, audio = media
+    assert isinstance(loaded.answer("Which instrument is playing?", image=str(image), audio=str(audio)), str)
+    requests = [{"image": str(image), "audio": str(audio), "question": "Is the flute playing?"},
+                {"image": str(image), "question": "How many instruments are there?"},
+                {"audio": str(audio), "question": ""}]
+    batch = loaded.answer_batch(requests)
+    assert batch == [loaded.answer(**r) for r in requests]
+    with pytest.raises(InputError, match=r"requests\[1\]: field 'question' is missing"):
+        loaded.answer_batch([requests[0], {"image": str(image)}])
+    with pytest.raises(InputError, match="requests\\[0\\]: field 'image'.*nope.jpg"):
+        loaded.answer_batch([{"image": "nope.jpg", "question": "?"}])
+
+
+def test_finds_the_pretrained_tiny_base_training_used(corpus, tmp_path):
+    """Without base_path recorded, the base is found where training's pretrain_tiny_base cached it."""
+    from safe_av.eval.run import CheckpointFiles, resolve_base
+    from safe_av.training.loop import Trainer
+
+    cfg = make_cfg(corpus)
+    cfg.train.pretrain.enabled = True
+    cfg.train.pretrain.epochs = 0.1
+    cfg.train.pretrain.batch_size = 8
+    cfg.train.pretrain.cache_dir = str(tmp_path / "base")
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer._prepare_data()
+    trainer._build_model()
+    built = sorted(p for p in (tmp_path / "base").iterdir() if (p / "DONE").is_file())
+    assert len(built) == 1
+    files = CheckpointFiles("adapter", tmp_path / "run" / "adapter", None, {})
+    assert resolve_base(cfg, files) == str(built[0])  # allow_pretrain=False: found, not re-made
+    recorded = CheckpointFiles("adapter", tmp_path, None, {"base_path": str(built[0])})
+    assert resolve_base(cfg, recorded) == str(built[0])
+    cfg.train.pretrain.lr = 1.0  # another recipe: another key, not in the cache
+    with pytest.raises(FileNotFoundError, match="not in the cache"):
+        resolve_base(cfg, files)
+
+
+def test_likelihood_retrieval(run, corpus):
+    from safe_av.eval.run import caption_retrieval
+    from safe_av.training.data import read_corpus
+
+    model = api.load(run)
+    clips = read_corpus(make_cfg(corpus).data, ["audiocaps"], "train").samples
+    out = caption_retrieval(model.model, model.processor, clips, max_clips=3)
+    assert out["n_audio"] == 3 and out["n_text"] == sum(len(s.answers) for s in clips[:3])
+    for direction in ("audio_to_text", "text_to_audio"):
+        assert set(out[direction]) == {"R@1", "R@5", "R@10", "mAP@10"}
+        assert 0.0 <= out[direction]["R@1"] <= 1.0
+    assert out["text_to_audio"]["R@5"] == 1.0  # 3 clips: every one is in the top 5
+    assert out["chance"]["text_to_audio"]["R@1"] == pytest.approx(1 / 3)
+    assert "skipped" in caption_retrieval(model.model, model.processor, clips[:1])
