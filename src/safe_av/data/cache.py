@@ -41,7 +41,7 @@ def file_sha256(path: str | Path) -> str:
 def fingerprint(model, max_seconds: float) -> dict:
     """Everything that determines a cached entry besides the file's bytes."""
     return {"encoder": model.audio_encoder.config_fingerprint(), "num_audio_tokens": model.num_audio_tokens,
-            "max_seconds": max_seconds, "format": 1}
+            "max_seconds": max_seconds, "format": 2}
 
 
 class FeatureCache:

@@ -28,6 +28,9 @@ SOUNDING_P = {2: (0.75, 0.25), 3: (0.4, 0.4, 0.2)}
 IMAGE_SIZE = 64
 NOTE_S = 0.3
 MIN_IOI_S = 0.45
+EVENT_HORIZON_S = 9.5
+"""Every note starts and ends in the first 9.5 s: encoders see 10 s, so the answers survive truncation;
+longer ("hard") clips end in silence."""
 
 
 @dataclass
@@ -77,7 +80,7 @@ def _voices(names: list[str], duration: float, rng: np.random.Generator) -> dict
     voices = {}
     for k, name in enumerate(order):
         onset = round(float(rng.uniform(0.0, 0.2)) + 0.4 * k, 3)
-        window = duration - 0.05 - onset
+        window = min(duration, EVENT_HORIZON_S) - 0.05 - onset
         cap = min(5, 1 + int((window - NOTE_S) // MIN_IOI_S))
         n = int(rng.integers(1, cap + 1))
         need = NOTE_S + MIN_IOI_S * (n - 1)

@@ -123,12 +123,13 @@ def prepare_audio(feature_extractor, kind: str, waveforms: list[np.ndarray],
     """
     sr = int(feature_extractor.sampling_rate)
     if kind == "clap":
-        # CLAP repeat-pads short clips itself, so every frame carries audio: feed the true samples.
-        clips = [w[: max(int(n), 1)] for w, n in zip(waveforms, num_valid)]
-        feats = feature_extractor(clips, sampling_rate=sr, return_tensors="pt")
-        frac = torch.ones(len(clips))
+        # Zero-padded clips (not CLAP's repeat-padding): a repeated clip would double its events, and
+        # counting / temporal questions need the real time axis; the mask marks the padding instead.
+        total = int(feature_extractor.nb_max_samples)
+        clips = [np.pad(w[:total], (0, max(0, total - len(w)))) for w in waveforms]
+        feats = feature_extractor(clips, sampling_rate=sr, return_tensors="pt", padding="pad", truncation="rand_trunc")
     else:
         feats = feature_extractor(list(waveforms), sampling_rate=sr, return_tensors="pt")
         total = feature_extractor.n_samples
-        frac = torch.tensor([min(max(int(n), 1) / total, 1.0) for n in num_valid])
+    frac = torch.tensor([min(max(int(n), 1) / total, 1.0) for n in num_valid])
     return {"audio": feats["input_features"], "audio_valid_frac": frac}

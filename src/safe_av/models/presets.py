@@ -38,7 +38,7 @@ from transformers import (
 IMAGE_TOKEN = "<image>"
 AUDIO_TOKEN = "<audio>"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN, AUDIO_TOKEN]
-TINY_IMAGE_SIZE = 32
+TINY_IMAGE_SIZE = 64
 _BASIC_WORDS = (
     "what is the how many which are there a an of in on to and or yes no zero one two three four five "
     "six seven eight nine ten left right middle color colour shape sound sounds sounding instrument "
@@ -89,16 +89,16 @@ def build_tiny_base(name: str, texts: list[str] | None = None, *, seed: int = 0)
     special = dict(pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"])
     torch.manual_seed(seed)
     if name.startswith("tiny-blip2"):
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       image_size=TINY_IMAGE_SIZE, patch_size=8)
-        qformer = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       cross_attention_frequency=1, encoder_hidden_size=32, vocab_size=vocab)
+        qformer = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                       cross_attention_frequency=1, encoder_hidden_size=64, vocab_size=vocab)
         if name == "tiny-blip2-opt":
-            text = OPTConfig(vocab_size=vocab, hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=2,
-                             ffn_dim=128, num_attention_heads=4, max_position_embeddings=640, dropout=0.0,
+            text = OPTConfig(vocab_size=vocab, hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=4,
+                             ffn_dim=256, num_attention_heads=4, max_position_embeddings=640, dropout=0.0,
                              attention_dropout=0.0, **special).to_dict()
         else:
-            text = T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+            text = T5Config(vocab_size=vocab, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2,
                             num_heads=4, dropout_rate=0.0, decoder_start_token_id=ids["<pad>"],
                             feed_forward_proj="gated-gelu", tie_word_embeddings=False, **special).to_dict()
         config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=8,
@@ -112,9 +112,9 @@ def build_tiny_base(name: str, texts: list[str] | None = None, *, seed: int = 0)
         image_processor = BlipImageProcessorPil(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
         processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=8)
     else:
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=TINY_IMAGE_SIZE, patch_size=8, projection_dim=32)
-        text = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=TINY_IMAGE_SIZE, patch_size=8, projection_dim=64)
+        text = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=640, **special)
         config = LlavaConfig(vision_config=vision.to_dict() | {"model_type": "clip_vision_model"},
                              text_config=text.to_dict() | {"model_type": "llama"},
