@@ -43,6 +43,8 @@ class FusionConfig:
     num_heads: int = 8
     ffn_mult: int = 4
     dropout: float = 0.1
+    attend_text: bool = True
+    """The fusion context holds the prompt's embeddings besides the visual tokens (question-aware audio)."""
 
     def __post_init__(self):
         _check(self.num_heads > 0, "num_heads", self.num_heads, "must be > 0")

@@ -198,3 +198,26 @@ def test_train_mode_base_has_no_dropout(tiny_models, rng):
         a = model.train()(**batch).logits
         b = model.eval()(**batch).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["tiny-blip2-opt", "tiny-blip2-t5"])
+def test_fusion_context_sees_the_question_but_never_the_answer(tiny_models, rng, family):
+    cfg, vl, enc = tiny_models(family)
+    torch.manual_seed(0)
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64, fusion_dropout=0.0).eval()
+    with torch.no_grad():
+        model.fusion.attn_gate.fill_(1.0)
+    proc = SAFEProcessor.from_model(model)
+    img, wave = random_image(rng), random_wave(rng, proc.sampling_rate, 1.0)
+
+    def audio_tokens(question, answer):
+        batch = proc.collate([dict(question=question, answer=answer, image=img, waveform=wave, num_valid=len(wave))])
+        with torch.no_grad():
+            emb = model.build_inputs(**batch)["embeds"]
+        return emb[batch["input_ids"] == model.audio_token_id]
+
+    a = audio_tokens("which instrument sounds first", "violin")
+    b = audio_tokens("which instrument sounds first", "drum")
+    c = audio_tokens("how many instruments are sounding", "violin")
+    assert torch.equal(a, b)  # the answer is not in the context
+    assert (a - c).abs().max() > 1e-4  # the question is

@@ -61,6 +61,7 @@ class SAFEModel(nn.Module):
         projector_dropout: projector dropout.
         fusion: build the fusion layer (False: the "simple concatenation" baseline).
         fusion_heads, fusion_ffn_mult, fusion_dropout: fusion layer shape.
+        fusion_text: the fusion context holds the prompt's embeddings besides the visual tokens.
         projector_trainable, fusion_trainable: whether these train now.
         unfreeze: names of base sub-modules to train (e.g. ``qformer``, ``multi_modal_projector``).
         lora: a ``peft.LoraConfig`` to inject LoRA adapters into the language model (trainable).
@@ -69,7 +70,7 @@ class SAFEModel(nn.Module):
     def __init__(self, base: BaseVL, audio_encoder: AudioEncoder, *, num_audio_tokens: int = 8,
                  projector_hidden: int = 4096, projector_dropout: float = 0.1, fusion: bool = True,
                  fusion_heads: int = 8, fusion_ffn_mult: int = 4, fusion_dropout: float = 0.1,
-                 projector_trainable: bool = True, fusion_trainable: bool = True,
+                 fusion_text: bool = True, projector_trainable: bool = True, fusion_trainable: bool = True,
                  unfreeze: list[str] | tuple[str, ...] = (), lora=None):
         super().__init__()
         self.base = base
@@ -83,6 +84,7 @@ class SAFEModel(nn.Module):
                                         dropout=projector_dropout, output_scale=emb_rms)
         self.fusion = (FusionLayer(base.hidden_size, num_heads=fusion_heads, ffn_mult=fusion_ffn_mult,
                                    dropout=fusion_dropout) if fusion else None)
+        self.fusion_text = fusion_text
         self.lora_config = lora
         if lora is not None:
             from peft import inject_adapter_in_model
@@ -90,7 +92,7 @@ class SAFEModel(nn.Module):
             inject_adapter_in_model(lora, self.base.language_model_module())
         self._arch = dict(num_audio_tokens=num_audio_tokens, projector_hidden=projector_hidden,
                           projector_dropout=projector_dropout, fusion=fusion, fusion_heads=fusion_heads,
-                          fusion_ffn_mult=fusion_ffn_mult, fusion_dropout=fusion_dropout)
+                          fusion_ffn_mult=fusion_ffn_mult, fusion_dropout=fusion_dropout, fusion_text=fusion_text)
         self.anchors: dict[str, torch.Tensor] = {}
         self.set_trainable(projector=projector_trainable, fusion=fusion_trainable, unfreeze=unfreeze,
                            lora=lora is not None)
@@ -172,15 +174,38 @@ class SAFEModel(nn.Module):
         out = self.audio_encoder(audio, audio_valid_frac)
         return masked_pool(out.tokens, out.mask, self.num_audio_tokens).float()
 
-    def audio_tokens(self, audio_features: torch.Tensor, visual: torch.Tensor | None, has_visual: torch.Tensor,
-                     *, need_weights: bool = False):
-        """Projector (+ fusion with the sample's visual tokens): (N, K, D_audio) -> (N, K, D_lm)."""
+    def audio_tokens(self, audio_features: torch.Tensor, context: torch.Tensor | None,
+                     context_mask: torch.Tensor | None, *, need_weights: bool = False):
+        """Projector (+ fusion with the sample's context): (N, K, D_audio) -> (N, K, D_lm)."""
         tokens = self.projector(audio_features)
         weights = None
-        if self.fusion is not None and visual is not None:
-            fused = self.fusion(tokens, visual, has_visual, need_weights=need_weights)
+        if self.fusion is not None and context is not None:
+            fused = self.fusion(tokens, context, context_mask, need_weights=need_weights)
             tokens, weights = fused if need_weights else (fused, None)
         return tokens, weights
+
+    def _fusion_context(self, embeds, input_ids, attention_mask, labels, visual, has_images, has_audio):
+        """Per audio sample: its visual tokens, then its prompt's embeddings (never the answer).
+
+        Returns (N_audio, C, D) and a (N_audio, C) validity mask, or (None, None) without a fusion layer.
+        """
+        if self.fusion is None:
+            return None, None
+        parts, masks = [], []
+        n_audio = int(has_audio.sum())
+        if visual is not None:
+            row = (torch.cumsum(has_images.long(), 0) - 1).clamp(min=0)[has_audio]  # image row of each audio sample
+            parts.append(visual[row])
+            masks.append(has_images[has_audio].unsqueeze(1).expand(n_audio, visual.shape[1]))
+        if self.fusion_text:
+            prompt = attention_mask.bool() & (input_ids != self.audio_token_id) & (input_ids != self.base.image_token_id)
+            if labels is not None and labels.shape == input_ids.shape:  # decoder-only: the answer is in the input
+                prompt &= labels == -100
+            parts.append(embeds[has_audio].detach())
+            masks.append(prompt[has_audio])
+        if not parts:
+            return None, None
+        return torch.cat(parts, 1), torch.cat(masks, 1)
 
     # ------------------------------------------------------------------ forward
 
@@ -253,8 +278,9 @@ class SAFEModel(nn.Module):
                 audio_features = self.encode_audio(audio, audio_valid_frac)
             if audio_permutation is not None:
                 audio_features = audio_features[audio_permutation]
-            vis_for_audio, has_vis = self._visual_for_audio(visual, has_images, has_audio)
-            tokens, attention = self.audio_tokens(audio_features.float(), vis_for_audio, has_vis,
+            context, context_mask = self._fusion_context(embeds, input_ids, attention_mask, labels, visual,
+                                                         has_images, has_audio)
+            tokens, attention = self.audio_tokens(audio_features.float(), context, context_mask,
                                                   need_weights=need_attention)
             embeds = self._fill(embeds, input_ids == self.audio_token_id, tokens, AUDIO_TOKEN)
         return dict(embeds=embeds, attention_mask=attention_mask, labels=labels, visual=visual,
@@ -284,15 +310,6 @@ class SAFEModel(nn.Module):
             raise ValueError(f"{what}: the batch has {n_slots} placeholder tokens but {n_tokens} "
                              f"{what} embeddings ({tokens.shape[0]} x {tokens.shape[1]}); check has_images/has_audio")
         return embeds.masked_scatter(where.unsqueeze(-1), tokens.to(embeds.dtype))
-
-    @staticmethod
-    def _visual_for_audio(visual, has_images, has_audio):
-        """Visual tokens of each audio-bearing sample: (N_audio, V, D) and (N_audio,) bool."""
-        has_vis = has_images[has_audio]
-        if visual is None:
-            return None, has_vis
-        row = (torch.cumsum(has_images.long(), 0) - 1).clamp(min=0)[has_audio]  # image row of each audio sample
-        return visual[row], has_vis  # rows of samples without an image are masked by has_vis
 
     # ------------------------------------------------------------------ teacher
 
@@ -390,7 +407,7 @@ class SAFEModel(nn.Module):
             lora_cfg = {k: v for k, v in cfg["lora"].items() if k in LoraConfig.__dataclass_fields__}
             lora = LoraConfig(**lora_cfg)
         arch = {k: cfg[k] for k in ("num_audio_tokens", "projector_hidden", "projector_dropout", "fusion",
-                                    "fusion_heads", "fusion_ffn_mult", "fusion_dropout")}
+                                    "fusion_heads", "fusion_ffn_mult", "fusion_dropout", "fusion_text") if k in cfg}
         model = cls(base, audio_encoder, **arch, unfreeze=cfg.get("unfreeze", []), lora=lora)
         state = load_file(str(w_file))
         params = dict(model.named_parameters())
