@@ -87,7 +87,7 @@ class Trainer:
                                project_dir=str(self.out), kwargs_handlers=[ddp])
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and self.acc.num_processes == 1:
             raise RuntimeError("launched as one of several processes (WORLD_SIZE > 1) but accelerate set up no "
-                               "distributed run: on CPU set ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`)")
+                               "distributed run: on CPU set ACCELERATE_USE_CPU=1 (see docs/distributed.md)")
         self.state = TrainState()
         self.t0 = time.time()
 
@@ -189,8 +189,9 @@ class Trainer:
         sched = build_scheduler(optim, warmup_steps=min(cfg.train.optim.warmup_steps, steps // 2),
                                 steps_per_epoch=per_epoch, restart_epochs=cfg.train.optim.restart_epochs,
                                 min_lr=cfg.train.optim.min_lr)
+        # always wrapped, so a batch without audio behaves the same with one process or many
         model, optim = (self.acc.prepare(_TouchAllTrainable(self.model), optim) if self.acc.num_processes > 1
-                        else (self.model, optim))
+                        else (_TouchAllTrainable(self.model), optim))
         self.ddp_model = model
         n_train = sum(p.numel() for p in self.model.trainable_parameters().values())
         log.info("phase %d (%s): %d steps, trainable %d parameters in %s", index + 1, phase.name, steps, n_train,
