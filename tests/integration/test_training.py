@@ -61,3 +61,51 @@ def test_exact_resume_after_kill_mid_epoch_with_accumulation(full_run):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+class _Snapshots(Trainer):
+    """Records every parameter at each phase start and at the end."""
+
+    snaps: list
+
+    def _start_phase(self, index):
+        self.snaps = getattr(self, "snaps", [])
+        self.snaps.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        return super()._start_phase(index)
+
+    def finish(self):
+        self.snaps.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        return super().finish()
+
+
+def test_each_phase_changes_only_its_parameters(small_corpus, tmp_path):
+    cfg = tiny_train_config(small_corpus, tmp_path, **{"data.feature_cache": f"{tmp_path}/features"})
+    trainer = _Snapshots(cfg, tmp_path / "run")
+    trainer.train()
+    allowed = [("projector.",), ("projector.", "fusion."),
+               ("projector.", "fusion.", "base.model.language_projection.")]
+    for phase, prefixes in enumerate(allowed):
+        before, after = trainer.snaps[phase], trainer.snaps[phase + 1]
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        assert changed, f"phase {phase + 1} changed nothing"
+        assert all(n.startswith(prefixes) for n in changed), sorted(n for n in changed if not n.startswith(prefixes))
+        assert {p for p in prefixes if any(n.startswith(p) for n in changed)} == set(prefixes)
+
+
+class _NaNLoss(Trainer):
+    def compute_loss(self, model, batch, w):
+        loss, parts = super().compute_loss(model, batch, w)
+        return loss * float("nan"), parts
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(small_corpus, tmp_path):
+    from safe_av.training.loop import NonFiniteError
+
+    cfg = tiny_train_config(small_corpus, tmp_path, **{"train.max_nonfinite": 3, "data.feature_cache": f"{tmp_path}/f"})
+    trainer = _NaNLoss(cfg, tmp_path / "run")
+    with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
+        trainer.train()
+    assert trainer.state.skipped_steps == 3
+    events = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["reason"] for e in events if e.get("event") == "skipped_step"] == ["non-finite loss"] * 3
+    assert all(torch.isfinite(v).all() for v in trainer.model.projector.state_dict().values())

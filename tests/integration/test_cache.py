@@ -1,0 +1,82 @@
+"""Frozen-feature cache: an epoch without the encoder, features equal to on-line ones, invalidation."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from safe_av.data.cache import FeatureCache
+from safe_av.data.records import Sample
+from safe_av.data.text import SAFEProcessor
+from safe_av.models.safe_model import SAFEModel
+from safe_av.training.data import BatchStream, SAFEDataset
+
+
+@pytest.fixture
+def clips(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, seconds in enumerate([0.5, 1.0, 2.5, 1.5]):
+        p = tmp_path / f"clip{i}.wav"
+        sf.write(p, (0.3 * rng.standard_normal(int(8000 * seconds))).astype("float32"), 8000)
+        paths.append(str(p))
+    return paths
+
+
+def _model(tiny_models, k=4):
+    cfg, vl, enc = tiny_models("tiny-blip2-opt")
+    torch.manual_seed(0)
+    return SAFEModel(vl, enc, num_audio_tokens=k, projector_hidden=32).eval()
+
+
+def test_cached_features_equal_online_and_epoch_skips_encoder(tiny_models, clips, tmp_path, monkeypatch):
+    model = _model(tiny_models)
+    cache = FeatureCache.open(tmp_path / "cache", model)
+    stats = cache.build(model, clips, batch_size=1)
+    assert stats["new"] == 4
+    proc = SAFEProcessor.from_model(model)
+    online = SAFEDataset([Sample(f"s{i}", "audiocaps", "", ["a sound"], audio=p) for i, p in enumerate(clips)],
+                         sampling_rate=proc.sampling_rate)
+    for i, p in enumerate(clips):  # the same clip through the on-line path, batch of one
+        item = online[i]
+        feats = model.audio_encoder.prepare([item["waveform"]], [item["num_valid"]])
+        with torch.no_grad():
+            ref = model.encode_audio(feats["audio"], feats["audio_valid_frac"])[0]
+        assert torch.equal(cache.get(p), ref)
+
+    # an epoch over cached features never calls the audio encoder
+    def boom(*a, **k):
+        raise AssertionError("the audio encoder ran although features are cached")
+
+    monkeypatch.setattr(model.audio_encoder, "forward", boom)
+    samples = [Sample(f"s{i}", "audiocaps", "", ["a sound"], audio=p) for i, p in enumerate(clips)]
+    dataset = SAFEDataset(samples, sampling_rate=proc.sampling_rate, feature_cache=FeatureCache.open(tmp_path / "cache", model))
+    stream = BatchStream(dataset, proc.collate, batch_size=2, dataset_weights=None, seed=0)
+    stream.configure(1.0, None)
+    for _ in range(stream.batches_per_epoch()):
+        batch = stream.next()
+        assert batch["audio_features"] is not None and batch["audio"] is None
+        with torch.no_grad():
+            assert torch.isfinite(model(**batch).loss)
+
+
+def test_changed_config_or_content_invalidates(tiny_models, clips, tmp_path):
+    model = _model(tiny_models, k=4)
+    cache = FeatureCache.open(tmp_path / "cache", model)
+    cache.build(model, clips[:2])
+    assert clips[0] in cache
+    other = FeatureCache.open(tmp_path / "cache", _model(tiny_models, k=2))  # another pooling: another namespace
+    assert other.dir != cache.dir and clips[0] not in other
+    sf.write(clips[0], np.zeros(8000, dtype="float32") + 0.1, 8000)  # new content: a new key
+    fresh = FeatureCache.open(tmp_path / "cache", model)
+    assert clips[0] not in fresh and clips[1] in fresh
+    with pytest.raises(KeyError, match="safe data cache"):
+        fresh.get(clips[0])
+
+
+def test_bad_file_is_skipped_and_counted(tiny_models, clips, tmp_path):
+    model = _model(tiny_models)
+    bad = tmp_path / "corrupt.wav"
+    bad.write_bytes(b"RIFF....WAVEfmt garbage")
+    stats = FeatureCache.open(tmp_path / "cache", model).build(model, clips[:1] + [str(bad)])
+    assert stats == {"cached_before": 0, "new": 1, "skipped": 1}
