@@ -269,7 +269,8 @@ class TrainConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     checkpoint_every: int = 500
     keep_last: int = 3
-    best_metric: str = "eval/avqa_accuracy"
+    best_metric: str = "eval/stage_audio_accuracy"
+    """Checkpoint kept as "best" (beside the last ``keep_last``): eval/stage_audio_accuracy or eval/vl_retention."""
     log_every: int = 10
     max_nonfinite: int = 5
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])

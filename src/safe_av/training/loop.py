@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from safe_av.config import ConfigError, PhaseConfig, SAFEConfig, config_to_yaml, to_dict
 from safe_av.data.text import SAFEProcessor, move_batch
 from safe_av.eval import evaluate as ev
+from safe_av.flops import mfu, peak_flops, training_flops_per_step
 from safe_av.models.build import build_audio_encoder, build_base, build_safe_model
 from safe_av.models.presets import TINY_BASES
 from safe_av.models.safe_model import SAFEModel
@@ -52,6 +53,7 @@ class TrainState:
     original_vqa_subset: float | None = None
     best: float | None = None
     phase_starts: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
 
 
 class NonFiniteError(RuntimeError):
@@ -339,6 +341,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         phase = cfg.train.phases[index]
         optim, sched, stream, steps = self._start_phase(index)
+        self.phase_flops, self.peak_flops = self._phase_flops(index)
         if resume_from is not None:
             self._restore(resume_from, optim, sched, stream)
         else:
@@ -361,9 +364,12 @@ class Trainer:
             st.global_step += 1
             bar.update(1)
             if logs is not None:
-                n = logs.pop("_samples")
+                n, n_tok = logs.pop("_samples"), logs.pop("_tokens")
+                dt = max(time.time() - t_step, 1e-9)
+                if self.phase_flops is not None:
+                    logs["mfu"] = mfu(self.phase_flops, dt, self.peak_flops)
                 logs.update(step=st.global_step, phase=index + 1, stage=self._stage_index(phase),
-                            audio_ratio=stream.audio_ratio, samples_per_s=n / max(time.time() - t_step, 1e-9),
+                            audio_ratio=stream.audio_ratio, samples_per_s=n / dt, tokens_per_s=n_tok / dt,
                             peak_memory_mb=_peak_memory_mb(), **{f"weights/{k}": v for k, v in asdict(w).items()},
                             **current_lrs(optim))
                 drift = self._param_drift()
@@ -390,7 +396,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         accum = cfg.train.optim.grad_accum
         totals: dict[str, float] = {}
-        n_samples, finite = 0, True
+        n_samples, n_tokens, finite = 0, 0, True
         for micro in range(accum):
             batch = stream.next()
             st.skipped_samples += int(batch.get("skipped", 0))
@@ -398,6 +404,7 @@ class Trainer:
                 continue
             batch = move_batch(batch, self.acc.device)
             n_samples += batch["input_ids"].shape[0]
+            n_tokens += int(batch["attention_mask"].sum())
             sync = micro == accum - 1 or self.acc.num_processes == 1
             ctx = self.acc.no_sync(model) if not sync else _null()
             with ctx, self.acc.autocast():
@@ -431,8 +438,21 @@ class Trainer:
         sched.step()
         optim.zero_grad(set_to_none=True)
         totals["grad_norm"] = float(grad_norm)
-        totals["_samples"] = n_samples
+        totals["_samples"], totals["_tokens"] = n_samples, n_tokens
         return totals
+
+    def _phase_flops(self, index: int) -> tuple[float | None, float | None]:
+        """Model FLOPs of one optimizer step of this phase and the device's peak (MFU; GPUs with a known peak)."""
+        if not torch.cuda.is_available():
+            return None, None
+        peak = peak_flops(torch.cuda.get_device_name())
+        if peak is None:
+            return None, None
+        try:
+            return training_flops_per_step(self.cfg, phase=index).total / self.acc.num_processes, peak
+        except Exception as err:  # an estimate must never stop training
+            log.warning("FLOP estimate unavailable: %s", err)
+            return None, None
 
     def _stage_index(self, phase: PhaseConfig) -> int | None:
         if not (phase.curriculum and self.curriculum is not None):
@@ -445,8 +465,8 @@ class Trainer:
         retention = audio = None
         if st.global_step % cc.eval_every == 0:
             retention, audio = self._stage_eval(before)
-            self._log_jsonl({"step": st.global_step, "eval/vl_retention": retention,
-                             "eval/stage_audio_accuracy": audio, "stage": before.name})
+            st.last_eval = {"eval/vl_retention": retention, "eval/stage_audio_accuracy": audio}
+            self._log_jsonl({"step": st.global_step, **st.last_eval, "stage": before.name})
         for event in self.curriculum.update(st.global_step, retention=retention, audio_accuracy=audio):
             self._log_jsonl(event.to_record())
             log.info("curriculum: %s", event.reason)
@@ -490,7 +510,12 @@ class Trainer:
         ckpt.save_checkpoint(self.out, st.global_step, model_state=self.model.adapter_state_dict(), optimizer=optim,
                              scheduler=sched, scaler_state=scaler, train_state=asdict(st),
                              config_yaml=config_to_yaml(self.cfg), keep_last=self.cfg.train.keep_last,
-                             best_metric=None)
+                             best_metric=self._best_metric())
+
+    def _best_metric(self):
+        """``(name, value, "max")`` of ``train.best_metric`` from the latest evaluation, if it measured it."""
+        value = self.state.last_eval.get(self.cfg.train.best_metric)
+        return None if value is None else (self.cfg.train.best_metric, float(value), "max")
 
     def _maybe_resume_state(self) -> Path | None:
         if not self.resume:
