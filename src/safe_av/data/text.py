@@ -89,14 +89,13 @@ class SAFEProcessor:
         answer_ids = (self._ids(" " + answer.strip()) + [tok.eos_token_id]) if answer is not None else []
         if self.is_encoder_decoder:
             head, tail = media, [tok.eos_token_id]
-            room = self.max_length - len(head) - len(tail)
         else:
             head = media + [tok.bos_token_id] if self.family == "blip2" else [tok.bos_token_id] + media
             tail = answer_ids
-            room = self.max_length - len(head) - len(tail)
+        # max_length bounds the text (prompt + answer), not the media placeholders: LLaVA alone has 576 visual tokens
+        room = self.max_length - len(answer_ids) - (1 if self.is_encoder_decoder else 0)
         if room < 1:
-            raise ValueError(f"data.max_text_length={self.max_length}: too short for {len(head)} media/special "
-                             f"tokens and a {len(answer_ids)}-token answer")
+            raise ValueError(f"data.max_text_length={self.max_length}: too short for a {len(answer_ids)}-token answer")
         truncated = len(prompt) > room
         if truncated:
             self.stats["truncated"] += 1

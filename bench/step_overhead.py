@@ -1,0 +1,236 @@
+"""Q1: what does SAFE add to a training step over the bare frozen model?
+
+Both sides run on the same collated batch of the demo models (configs/demo.yaml, random weights:
+train.pretrain.enabled=false), phase 2 (`fusion`: projector + fusion train), every row with image + audio:
+
+- SAFE step: ``Trainer._optimizer_step`` on that batch (cached audio features, distillation and retention
+  off): move_batch, compute_loss (token assembly, vision path, projector, fusion, LM, loss), backward,
+  grad clipping, AdamW, scheduler, zero_grad.
+- bare step: transformers' ``Blip2ForConditionalGeneration`` forward (pixel_values + input_ids +
+  inputs_embeds + labels) and ``loss.backward()``, where ``inputs_embeds`` has ``requires_grad`` only on the
+  audio-token positions: the frozen LM passing gradients back to its input tokens, no weight gradients.
+
+Also timed: SAFE forward+backward without the optimizer, and SAFE with on-line audio encoding (no cache).
+Then a breakdown of the SAFE step by region (wall time of wrapped functions; CPU runs synchronously) and
+torch.profiler's top operators.
+
+    python bench/step_overhead.py [--reps 30] [--warmup 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+import torch  # noqa: E402
+
+TARGET = 1.15
+
+
+class Regions:
+    """Wall time spent in wrapped callables, per label."""
+
+    def __init__(self):
+        self.t = defaultdict(float)
+        self.n = defaultdict(int)
+        self._undo = []
+
+    def wrap(self, obj, attr: str, label: str) -> None:
+        orig = getattr(obj, attr)
+
+        @functools.wraps(orig)
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                self.t[label] += time.perf_counter() - t
+                self.n[label] += 1
+
+        had = attr in vars(obj) if hasattr(obj, "__dict__") else False
+        setattr(obj, attr, timed)
+        self._undo.append((obj, attr, orig, had))
+
+    def restore(self) -> None:
+        for obj, attr, orig, had in reversed(self._undo):
+            if had:
+                setattr(obj, attr, orig)
+            else:
+                delattr(obj, attr)
+        self._undo.clear()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    args = ap.parse_args()
+    C.setup_threads()
+    from safe_av.data.text import move_batch
+    from safe_av.training import loop
+    from safe_av.training.data import SAFEDataset
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
+    cfg = C.demo_config(tmp / "data", *C.SMALL_CORPUS, "loss.distillation=false", "loss.retention=false",
+                        feature_cache=tmp / "cache")
+    tr = C.make_trainer(cfg, tmp / "run")
+    phase_index = 1
+    phase = cfg.train.phases[phase_index]
+    optim, sched, stream, _ = tr._start_phase(phase_index)
+    batch = C.audio_batch(stream)
+    # the same samples with on-line audio (waveforms -> frozen CLAP in the step)
+    index = {s.id: i for i, s in enumerate(stream.dataset.samples)}
+    online_ds = SAFEDataset(stream.dataset.samples, sampling_rate=tr.processor.sampling_rate,
+                            max_seconds=cfg.data.max_audio_seconds, augment=cfg.data.augment,
+                            seed=stream.dataset.seed)
+    online_ds.set_epoch(stream.dataset.epoch)
+    batch_online = tr.processor.collate([online_ds[index[m["id"]]] for m in batch["meta"]])
+    model = tr.ddp_model
+    model.train()
+    w = tr._weights(phase)
+    assert w.beta == 0 and w.gamma == 0, w
+
+    def safe_step():
+        tr._optimizer_step(model, optim, sched, C.FixedStream(batch), w)
+
+    def safe_step_online():
+        tr._optimizer_step(model, optim, sched, C.FixedStream(batch_online), w)
+
+    def safe_fwd_bwd():
+        b = move_batch(batch, tr.acc.device)
+        loss, _ = tr.compute_loss(model, b, w)
+        loss.backward()
+        optim.zero_grad(set_to_none=True)
+
+    # ---- the bare transformers model on the same batch
+    safe = tr.model
+    hf = safe.base.model
+    ids, am, labels, pix = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"]
+    audio_pos = ids == safe.audio_token_id
+    with torch.no_grad():
+        audio_vals = safe.build_inputs(**batch)["embeds"][audio_pos]  # SAFE's audio tokens, as constants
+    leaf = audio_vals.clone().requires_grad_(True)  # (B*K, D): the only input that needs a gradient
+    plain_ids = ids.masked_fill(audio_pos, safe.base.tokenizer.pad_token_id)
+
+    def bare_step():
+        emb = hf.get_input_embeddings()(plain_ids).masked_scatter(audio_pos.unsqueeze(-1), leaf)
+        out = hf(pixel_values=pix, input_ids=ids, attention_mask=am, inputs_embeds=emb, labels=labels)
+        out.loss.backward()
+        leaf.grad = None
+
+    # same batch, same numbers: the two losses agree
+    with torch.no_grad():
+        emb = hf.get_input_embeddings()(plain_ids).masked_scatter(audio_pos.unsqueeze(-1), leaf)
+        bare_loss = float(hf(pixel_values=pix, input_ids=ids, attention_mask=am, inputs_embeds=emb,
+                             labels=labels).loss)
+        safe_loss = float(safe(**batch).loss)
+
+    cpu: dict = {}
+    times = C.interleaved({"bare": bare_step, "safe": safe_step, "safe_fwd_bwd": safe_fwd_bwd,
+                           "safe_online": safe_step_online}, warmup=args.warmup, reps=args.reps, cpu=cpu)
+    med = {k: C.median(v) for k, v in times.items()}
+    cmed = {k: C.median(v) for k, v in cpu.items()}
+    best = {k: min(v) for k, v in times.items()}
+    ratio = med["safe"] / med["bare"]
+    cratio = cmed["safe"] / cmed["bare"]
+
+    # ---- where the time goes: wall time per region over a few SAFE steps
+    n_prof = max(5, args.reps // 3)
+    R = Regions()
+    R.wrap(loop, "move_batch", "move_batch")
+    R.wrap(tr, "compute_loss", "forward + losses (compute_loss)")
+    R.wrap(safe, "build_inputs", "  token assembly (build_inputs)")
+    R.wrap(safe.base, "embed_tokens", "    text embeddings")
+    R.wrap(safe.base, "image_features", "    vision path (ViT + Q-Former)")
+    R.wrap(safe, "audio_tokens", "    projector + fusion")
+    R.wrap(safe.base, "language_model", "  frozen LM forward")
+    R.wrap(tr.acc, "backward", "backward")
+    R.wrap(tr.acc, "clip_grad_norm_", "clip_grad_norm_")
+    R.wrap(optim, "step", "AdamW step")
+    R.wrap(sched, "step", "scheduler step")
+    R.wrap(optim, "zero_grad", "zero_grad")
+    t0 = time.perf_counter()
+    for _ in range(n_prof):
+        safe_step()
+    total = (time.perf_counter() - t0) / n_prof
+    R.restore()
+    regions = {k: v / n_prof for k, v in R.t.items()}
+    top = ["move_batch", "forward + losses (compute_loss)", "backward", "clip_grad_norm_", "AdamW step",
+           "scheduler step", "zero_grad"]
+    other = total - sum(regions.get(k, 0.0) for k in top)
+
+    Rb = Regions()
+    Rb.wrap(hf, "get_image_features", "vision path (ViT + Q-Former)")
+    Rb.wrap(hf.language_model, "forward", "frozen LM forward")
+    t0 = time.perf_counter()
+    for _ in range(n_prof):
+        bare_step()
+    bare_total = (time.perf_counter() - t0) / n_prof
+    Rb.restore()
+    bare_regions = {k: v / n_prof for k, v in Rb.t.items()}
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            safe_step()
+    top_ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40)
+    with profile(activities=[ProfilerActivity.CPU]) as prof_b:
+        for _ in range(5):
+            bare_step()
+    top_ops_b = prof_b.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40)
+    n_ops = sum(e.count for e in prof.key_averages()) / 5
+    n_ops_b = sum(e.count for e in prof_b.key_averages()) / 5
+
+    # ---- report
+    bs = ids.shape[0]
+    ms = lambda s: f"{s * 1e3:.1f} ms"  # noqa: E731
+    labels = {"bare": "bare transformers forward + backward-to-inputs",
+              "safe": "**SAFE training step** (cached audio features)",
+              "safe_fwd_bwd": "SAFE forward + backward only (no clip/AdamW/scheduler)",
+              "safe_online": "SAFE training step, on-line audio encoder (no cache)"}
+    rows = [[labels[k], ms(med[k]), f"{med[k] / med['bare']:.2f}", ms(best[k]), f"{best[k] / best['bare']:.2f}",
+             ms(cmed[k]), f"{cmed[k] / cmed['bare']:.2f}"] for k in labels]
+    rows[1] = [c if i in (0, 1, 3, 5) else f"**{c}**" for i, c in enumerate(rows[1])]
+    body = [f"Demo models (tiny BLIP-2 OPT + tiny CLAP, random weights), phase 2 `{phase.name}` (projector + "
+            f"fusion train, {sum(p.numel() for p in safe.trainable_parameters().values())} trainable parameters), "
+            f"batch {bs} (all rows image + audio), sequence {ids.shape[1]} tokens; distillation and retention "
+            f"off. Median of {args.reps} interleaved repetitions after {args.warmup} warm-up. Same batch on both "
+            f"sides: loss SAFE {safe_loss:.5f} vs bare {bare_loss:.5f}.", "",
+            C.md_table(["step", "median wall", "ratio", "best wall", "ratio", "median CPU time", "ratio"], rows), "",
+            f"Target SAFE step / bare step <= {TARGET}: {C.verdict(ratio <= TARGET)} (median wall {ratio:.2f}; "
+            f"median process CPU time {cratio:.2f}, which other jobs on the machine disturb less).", "",
+            f"Where the SAFE step's time goes (mean over {n_prof} steps, wall time of wrapped calls; nested rows "
+            "are indented and included in their parent):", "",
+            C.md_table(["region", "per step", "share"],
+                       [[k, ms(regions.get(k, 0.0)), f"{regions.get(k, 0.0) / total:.0%}"]
+                        for k in ["move_batch", "forward + losses (compute_loss)", "  token assembly (build_inputs)",
+                                  "    text embeddings", "    vision path (ViT + Q-Former)", "    projector + fusion",
+                                  "  frozen LM forward", "backward", "clip_grad_norm_", "AdamW step",
+                                  "scheduler step", "zero_grad"]]
+                       + [["other (loss bookkeeping, float() syncs, Python)", ms(other), f"{other / total:.0%}"],
+                          ["total", ms(total), "100%"]]), "",
+            "Bare step for comparison: " + ", ".join(f"{k} {ms(v)}" for k, v in bare_regions.items())
+            + f", total {ms(bare_total)}.", "",
+            f"Operators dispatched per step: SAFE {n_ops:.0f}, bare {n_ops_b:.0f}.", "",
+            "<details><summary>torch.profiler, SAFE step (5 steps)</summary>\n\n```\n" + top_ops + "```\n</details>",
+            "",
+            "<details><summary>torch.profiler, bare step (5 steps)</summary>\n\n```\n" + top_ops_b + "```\n</details>"]
+    text = "\n".join(body)
+    print(text)
+    if not args.no_write:
+        C.write_section("step_overhead", "1. Step overhead: SAFE step vs bare frozen model", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
