@@ -221,3 +221,17 @@ def test_fusion_context_sees_the_question_but_never_the_answer(tiny_models, rng,
     c = audio_tokens("how many instruments are sounding", "violin")
     assert torch.equal(a, b)  # the answer is not in the context
     assert (a - c).abs().max() > 1e-4  # the question is
+
+
+def test_teacher_on_selected_rows_matches_full_batch(tiny_models, rng):
+    """The loop runs the teacher only on the distilled rows: same values as on the whole batch."""
+    from safe_av.training.loop import _select_rows
+
+    cfg, vl, enc = tiny_models("tiny-blip2-opt")
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64).eval()
+    batch = _batch(model, rng)  # rows: image+audio, image only, audio only
+    rows = torch.tensor([True, True, False])
+    full = model.teacher_forward(batch)
+    sub = model.teacher_forward(_select_rows(batch, rows))
+    assert sub.token_logits.shape == full.token_logits[rows].shape
+    assert torch.allclose(sub.token_logits, full.token_logits[rows], atol=1e-5)

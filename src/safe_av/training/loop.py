@@ -252,13 +252,14 @@ class Trainer:
         parts = {"task": out.loss}
         rows = self._distill_rows(batch)
         if (w.beta > 0 or w.gamma > 0) and bool(rows.any()):
-            teacher = self.model.teacher_forward(batch)
-            mask = rows.unsqueeze(1) & (out.token_labels != -100)
+            # the teacher runs on the distilled rows only; rows keep their width, so positions still line up
+            teacher = self.model.teacher_forward(_select_rows(batch, rows))
+            mask = out.token_labels[rows] != -100
             if w.gamma > 0:
-                parts["distill"] = distillation_loss(out.token_logits, teacher.token_logits, mask,
+                parts["distill"] = distillation_loss(out.token_logits[rows], teacher.token_logits, mask,
                                                      temperature=self.cfg.loss.temperature)
             if w.beta > 0:
-                parts["retention"] = retention_loss(out.token_hidden, teacher.token_hidden, mask)
+                parts["retention"] = retention_loss(out.token_hidden[rows], teacher.token_hidden, mask)
         if w.delta > 0 and self.fisher:
             params = {n: p for n, p in self.model.named_parameters() if n in self.fisher}
             parts["fisher"] = ewc_penalty(params, self.model.anchors, self.fisher)
@@ -612,6 +613,15 @@ def compute_fisher(trainer: Trainer, params: dict) -> dict:
     stream.configure(0.0, None)
     batches = (move_batch(stream.next(), trainer.acc.device) for _ in range(cfg.loss.fisher_batches))
     return estimate_fisher(lambda b: trainer.model(**b).loss, params, batches, max_batches=cfg.loss.fisher_batches)
+
+
+def _select_rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The teacher's view of some rows of a batch: same width, no audio."""
+    images = batch.get("images")
+    return {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows],
+            "labels": batch["labels"][rows], "has_images": batch["has_images"][rows],
+            "images": images[rows[batch["has_images"]]] if images is not None else None,
+            "has_audio": batch["has_audio"][rows]}
 
 
 def image_question(sample) -> bool:

@@ -108,6 +108,11 @@ def retention_loss(
         ``student_features.sum() * 0`` when the mask selects nothing.
     """
     _check_same_shape(student_features, teacher_features, "retention_loss")
+    if mask is not None and mask.dim() < student_features.dim():  # a position mask: select those positions first
+        rows = _expand_mask(mask, student_features[..., 0], "retention_loss")
+        if not bool(rows.any()):
+            return student_features.sum() * 0
+        student_features, teacher_features, mask = student_features[rows], teacher_features[rows], None
     selected = _expand_mask(mask, student_features, "retention_loss")
     count = selected.sum()
     if count == 0:
@@ -142,14 +147,15 @@ def distillation_loss(
     _check_same_shape(student_logits, teacher_logits, "distillation_loss")
     if not temperature > 0:
         raise ValueError(f"distillation_loss: temperature must be > 0, got {temperature}")
+    if mask is not None:  # select first: softmax only over the counted positions, not a (B, T, V) copy
+        selected = _expand_mask(mask, student_logits[..., 0], "distillation_loss")
+        if not bool(selected.any()):
+            return student_logits.sum() * 0
+        student_logits, teacher_logits = student_logits[selected], teacher_logits[selected]
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     per_token = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
-    selected = _expand_mask(mask, per_token, "distillation_loss")  # (B, T)
-    count = selected.sum()
-    if count == 0:
-        return student_logits.sum() * 0
-    return (per_token * selected).sum() / count * temperature**2
+    return per_token.mean() * temperature**2
 
 
 def ewc_penalty(
