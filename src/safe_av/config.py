@@ -255,7 +255,7 @@ class PretrainConfig:
 
     enabled: bool = False
     epochs: float = 10.0
-    lr: float = 3e-3
+    lr: float = 1e-3
     batch_size: int = 32
     cache_dir: str = "runs/cache/base"
 

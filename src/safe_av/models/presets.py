@@ -104,6 +104,8 @@ def build_tiny_base(name: str, texts: list[str] | None = None, *, seed: int = 0)
         config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=8,
                              image_token_index=ids[IMAGE_TOKEN])
         model = Blip2ForConditionalGeneration(config)
+        with torch.no_grad():  # BLIP-2's own init (LAVIS): normal query tokens; transformers' zeros start symmetric
+            model.query_tokens.normal_(0.0, config.initializer_range)
         if name == "tiny-blip2-t5":
             # T5's init draws an untied lm_head with std 1 (logits of std sqrt(d_model)); scale it as a
             # trained head is, so the tiny model's logits have a realistic range.

@@ -36,7 +36,7 @@ def corpus_texts(samples: list[Sample]) -> list[str]:
 
 def _key(cfg: SAFEConfig, samples: list[Sample]) -> str:
     ids = sorted(f"{s.dataset}/{s.id}/{s.answers[0] if s.answers else ''}" for s in samples)
-    blob = json.dumps({"recipe": 3, "base": cfg.model.base, "seed": cfg.model.tiny_seed, "pretrain": to_dict(cfg.train.pretrain),
+    blob = json.dumps({"recipe": 4, "base": cfg.model.base, "seed": cfg.model.tiny_seed, "pretrain": to_dict(cfg.train.pretrain),
                        "samples": ids, "max_len": cfg.data.max_text_length}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
