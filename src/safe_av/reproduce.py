@@ -42,6 +42,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from safe_av.eval.run import json_safe
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -521,7 +523,7 @@ def run_variant(name: str, seed: int, cfg, out: str, retrieval_clips: int, atten
     flat["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime - cpu0, 1)
     result.update(metrics=flat, retrieval=extra.get("retrieval"), attention=extra.get("attention"),
                   avqa_by_type=metrics.get("avqa_accuracy_by_type"))
-    (out_dir / "result.json").write_text(json.dumps(_finite(result), indent=2))
+    (out_dir / "result.json").write_text(json.dumps(json_safe(result), indent=2))
     return result
 
 
@@ -538,17 +540,6 @@ def _child(name, seed, cfg, out, retrieval_clips, attention_samples) -> None:
 
     report.write_report = lambda *a, **k: None
     run_variant(name, seed, cfg, out, retrieval_clips, attention_samples)
-
-
-def _finite(obj):
-    """JSON-safe: NaN/inf become None."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 # ===================================================================================== aggregation
@@ -904,7 +895,7 @@ def main(args) -> int:
                "runs": {name: [r.get("metrics") for r in rs] for name, rs in results.items()},
                "status": {name: [{"seed": r.get("seed"), "status": r.get("status"), "error": r.get("error")}
                                  for r in rs] for name, rs in results.items()}}
-    (out / "results.json").write_text(json.dumps(_finite(payload), indent=2))
+    (out / "results.json").write_text(json.dumps(json_safe(payload), indent=2))
     write_markdown(out / "results.md", info, agg, comp)
     try:
         write_plot(out / "results.png", agg)

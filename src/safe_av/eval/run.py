@@ -487,7 +487,7 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
     with open(pred_path, "w") as f:
         for line in lines:
             f.write(json.dumps(line, default=str) + "\n")
-    out_path.write_text(json.dumps(_finite(result), indent=2))
+    out_path.write_text(json.dumps(json_safe(result), indent=2))
     return result
 
 
@@ -497,12 +497,12 @@ def _uncapped(cfg: SAFEConfig) -> SAFEConfig:
     return out
 
 
-def _finite(obj):
-    """NaN/inf -> None, so the JSON is standard."""
+def json_safe(obj):
+    """NaN/inf -> None (recursively), so the JSON is standard."""
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
