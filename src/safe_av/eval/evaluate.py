@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter, defaultdict
 
@@ -32,8 +33,10 @@ def predict(model, processor: SAFEProcessor, samples: list[Sample], *, batch_siz
 
     Args:
         use_audio: False removes the audio tokens (the "audio masked" view).
-        shuffle_audio: give every clip to another sample of the batch (rolled by one).
+        shuffle_audio: give every sample the clip of another audio file (see :func:`shuffled_audio`).
     """
+    if shuffle_audio:
+        samples = shuffled_audio(samples)
     dataset = SAFEDataset(samples, sampling_rate=processor.sampling_rate, max_seconds=max_seconds,
                           with_answers=False, feature_cache=feature_cache)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=processor.collate)
@@ -44,16 +47,24 @@ def predict(model, processor: SAFEProcessor, samples: list[Sample], *, batch_siz
         if batch.get("empty"):
             continue
         batch = move_batch(batch, model.device)
-        perm = None
-        n_audio = int(batch["has_audio"].sum())
-        if shuffle_audio and n_audio > 1:
-            perm = torch.roll(torch.arange(n_audio, device=model.device), 1)
-        preds = model.generate_from_batch(batch, max_new_tokens=max_new_tokens, use_audio=use_audio,
-                                          audio_permutation=perm)
+        preds = model.generate_from_batch(batch, max_new_tokens=max_new_tokens, use_audio=use_audio)
         for meta, pred in zip(batch["meta"], preds):
             records.append(dict(meta, prediction=pred))
     model.train(was_training)
     return records
+
+
+def shuffled_audio(samples: list[Sample]) -> list[Sample]:
+    """Each sample gets the next distinct audio file (sorted, rotated by one): never its own clip.
+
+    Rotating clips within a batch is not enough: a video's questions sit side by side, so a neighbour's
+    clip is often the same file.
+    """
+    files = sorted({s.audio for s in samples if s.audio is not None})
+    if len(files) < 2:
+        return list(samples)
+    nxt = {f: files[(i + 1) % len(files)] for i, f in enumerate(files)}
+    return [dataclasses.replace(s, audio=nxt[s.audio]) if s.audio is not None else s for s in samples]
 
 
 def score_vqa(records: list[dict]) -> float:
