@@ -30,6 +30,8 @@ class ProjectorConfig:
     hidden_dim: int = 4096
     """Hidden width of the projector MLP (the spec's 4096). Input/output dims come from the models."""
     dropout: float = 0.1
+    standardize: bool = False
+    """Standardise the encoder features per channel with the training clips' mean/std (saved with the adapter)."""
 
     def __post_init__(self):
         _check(self.hidden_dim > 0, "hidden_dim", self.hidden_dim, "must be > 0")

@@ -235,3 +235,18 @@ def test_teacher_on_selected_rows_matches_full_batch(tiny_models, rng):
     sub = model.teacher_forward(_select_rows(batch, rows))
     assert sub.token_logits.shape == full.token_logits[rows].shape
     assert torch.allclose(sub.token_logits, full.token_logits[rows], atol=1e-5)
+
+
+def test_projector_input_statistics_are_saved_with_the_adapter(tiny_models, rng, tmp_path):
+    cfg, vl, enc = tiny_models("tiny-blip2-opt")
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64).eval()
+    feats = torch.randn(10, 4, enc.output_dim) * 3 + 5
+    model.projector.set_input_stats(feats)
+    normed = (feats - model.projector.input_mean) / model.projector.input_std
+    assert normed.reshape(-1, enc.output_dim).mean(0).abs().max() < 1e-4
+    model.save_pretrained(tmp_path / "a")
+    loaded = SAFEModel.from_pretrained(tmp_path / "a", base=vl, audio_encoder=enc).eval()
+    assert torch.equal(loaded.projector.input_mean, model.projector.input_mean)
+    batch = _batch(model, rng)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)

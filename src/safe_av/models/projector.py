@@ -31,7 +31,18 @@ class AudioProjector(nn.Module):
         )
         with torch.no_grad():
             self.projection[-1].weight.fill_(output_scale)
+        # Per-channel statistics of the frozen encoder's features (identity until set): a frozen encoder's
+        # features share a large constant part across clips, which would otherwise drown what differs.
+        self.register_buffer("input_mean", torch.zeros(audio_dim))
+        self.register_buffer("input_std", torch.ones(audio_dim))
+
+    @torch.no_grad()
+    def set_input_stats(self, features: torch.Tensor) -> None:
+        """Standardise inputs with the mean/std of ``features`` (N, ..., D_audio), e.g. the training clips."""
+        flat = features.reshape(-1, features.shape[-1]).float()
+        self.input_mean.copy_(flat.mean(0))
+        self.input_std.copy_(flat.std(0).clamp(min=1e-4))
 
     def forward(self, audio_tokens: torch.Tensor) -> torch.Tensor:
         """(B, K, D_audio) -> (B, K, D_lm)."""
-        return self.projection(audio_tokens)
+        return self.projection((audio_tokens - self.input_mean) / self.input_std)

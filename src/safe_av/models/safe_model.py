@@ -378,7 +378,9 @@ class SAFEModel(nn.Module):
         keep |= {n for n, _ in self.named_parameters() if n.startswith(("projector.", "fusion.")) or "lora_" in n}
         keep |= set(self.anchors)  # unfrozen base parameters (their current values)
         params = dict(self.named_parameters())
-        return {n: params[n].detach().contiguous().cpu() for n in sorted(keep)}
+        state = {n: params[n].detach().contiguous().cpu() for n in sorted(keep)}
+        state.update({n: b.detach().contiguous().cpu() for n, b in self.named_buffers() if n.startswith("projector.")})
+        return state
 
     def save_pretrained(self, path: str | Path, *, extra_config: dict | None = None) -> None:
         """Write ``adapter.safetensors`` + ``adapter_config.json`` (no pickle)."""
@@ -410,7 +412,7 @@ class SAFEModel(nn.Module):
                                     "fusion_heads", "fusion_ffn_mult", "fusion_dropout", "fusion_text") if k in cfg}
         model = cls(base, audio_encoder, **arch, unfreeze=cfg.get("unfreeze", []), lora=lora)
         state = load_file(str(w_file))
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters()) | dict(model.named_buffers())
         unknown = sorted(set(state) - set(params))
         if unknown:
             raise ValueError(f"{w_file}: parameters not in the model: {unknown[:5]}")

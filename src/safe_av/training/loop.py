@@ -325,6 +325,7 @@ class Trainer:
         self._eval_subsets()
         self.curriculum = self._build_curriculum()
         self._setup_fisher()
+        self._audio_stats()
         start = self._maybe_resume_state()
         if self.state.original_vqa_accuracy is None:
             recs = self._predict(self.vqa_eval, use_audio=False)
@@ -488,6 +489,29 @@ class Trainer:
             sq = sum(float((params[n].float() - a.float()).pow(2).sum()) for n, a in self.model.anchors.items())
         return math.sqrt(sq)
 
+    @torch.no_grad()
+    def _audio_stats(self, max_clips: int = 256) -> None:
+        """Standardise the projector's input with the training clips' feature statistics (``model.projector.standardize``)."""
+        if not self.cfg.model.projector.standardize:
+            return
+        paths = sorted({s.audio for s in self.train_corpus.samples if s.audio})[:max_clips]
+        if not paths:
+            return
+        if self.cache is not None:
+            feats = [self.cache.get(p) for p in paths if p in self.cache]
+        else:
+            from safe_av.data.audio import load_audio
+
+            enc, feats = self.model.audio_encoder, []
+            for p in paths:
+                clip = load_audio(p, target_sr=enc.sampling_rate, max_seconds=self.cfg.data.max_audio_seconds)
+                f = enc.prepare([clip.waveform], [clip.num_valid])
+                feats.append(self.model.encode_audio(f["audio"].to(self.acc.device),
+                                                     f["audio_valid_frac"].to(self.acc.device))[0].cpu())
+        if feats:
+            self.model.projector.set_input_stats(torch.stack(feats).to(self.acc.device))
+            log.info("projector input standardised with the features of %d training clips", len(feats))
+
     def _build_curriculum(self) -> Curriculum | None:
         cc = self.cfg.curriculum
         if not cc.enabled or not any(p.curriculum for p in self.cfg.train.phases):
@@ -536,7 +560,7 @@ class Trainer:
 
     def _restore(self, path: Path, optim, sched, stream: BatchStream) -> None:
         model_state, scaler_state, _ = ckpt.load_checkpoint(path, optimizer=optim, scheduler=sched)
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         with torch.no_grad():
             for name, tensor in model_state.items():
                 params[name].copy_(tensor)
