@@ -220,7 +220,7 @@ def _load_state(model, path: Path) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(path))
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
     unknown = sorted(set(state) - set(params))
     if unknown:
         raise ValueError(f"{path}: parameters not in the model: {unknown[:5]}")
