@@ -1,5 +1,7 @@
 """A tiny end-to-end set-up: the small synthetic corpus, written once per session."""
 
+import json
+
 import pytest
 
 from safe_av.config import load_config
@@ -33,3 +35,13 @@ def tiny_train_config(root, tmp, **overrides):
     ]
     sets += [f"{k}={v}" for k, v in overrides.items()]
     return load_config("configs/demo.yaml", sets)
+
+
+def losses_by_step(run) -> dict:
+    """step -> logged total loss, from a run folder's metrics.jsonl."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss/total" in r:
+            out[r["step"]] = r["loss/total"]
+    return out

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from safe_av.config import config_to_yaml
-from tests.integration.conftest import tiny_train_config
+from tests.integration.conftest import losses_by_step as _losses, tiny_train_config
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is needed")
@@ -133,15 +133,6 @@ def _launch(tmp: Path, name: str, config: Path, opts: dict, *, max_restarts: int
 
 def _ranks(dump: Path) -> list[dict]:
     return [json.loads((dump / f"rank{r}.json").read_text()) for r in (0, 1)]
-
-
-def _losses(run: Path) -> dict:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss/total" in r:
-            out[r["step"]] = r["loss/total"]
-    return out
 
 
 @pytest.fixture(scope="module")

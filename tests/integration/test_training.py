@@ -7,16 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from safe_av.training.loop import Stopped, Trainer
-from tests.integration.conftest import tiny_train_config
-
-
-def _losses(run):
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss/total" in r:
-            out[r["step"]] = r["loss/total"]
-    return out
+from tests.integration.conftest import losses_by_step as _losses, tiny_train_config
 
 
 @pytest.fixture(scope="module")

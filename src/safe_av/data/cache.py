@@ -105,28 +105,15 @@ class FeatureCache:
         if not todo:
             return stats
         self.dir.mkdir(parents=True, exist_ok=True)
-        enc = model.audio_encoder
-        max_seconds = self.fp["max_seconds"]
+        key_of = dict((p, k) for p, k in todo)
         tensors: dict[str, torch.Tensor] = {}
-        for i in range(0, len(todo), batch_size):
-            chunk, waves, valid = [], [], []
-            for p, k in todo[i:i + batch_size]:
-                try:
-                    clip = load_audio(p, target_sr=enc.sampling_rate, max_seconds=max_seconds)
-                except DataError as err:
-                    log.warning("feature cache: skipped %s", err)
-                    stats["skipped"] += 1
-                    continue
-                chunk.append(k)
-                waves.append(clip.waveform)
-                valid.append(clip.num_valid)
-            if not chunk:
-                continue
-            feats = enc.prepare(waves, valid)
-            with torch.no_grad():
-                out = model.encode_audio(feats["audio"].to(model.device), feats["audio_valid_frac"].to(model.device))
-            for k, f in zip(chunk, out.cpu()):
-                tensors[k] = f.contiguous()
+        for p, feat in encode_files(model, [p for p, _ in todo], max_seconds=self.fp["max_seconds"],
+                                    batch_size=batch_size):
+            if isinstance(feat, DataError):
+                log.warning("feature cache: skipped %s", feat)
+                stats["skipped"] += 1
+            else:
+                tensors[key_of[p]] = feat
         shard = f"shard-{len({s for s, _ in self.index.values()}):05d}.safetensors"
         tmp = self.dir / (shard + ".tmp")
         save_file(tensors, str(tmp))
@@ -139,6 +126,30 @@ class FeatureCache:
         tmp_index.rename(self.dir / "index.json")
         stats["new"] = len(tensors)
         return stats
+
+
+@torch.no_grad()
+def encode_files(model, paths: list[str], *, max_seconds: float, batch_size: int = 8):
+    """Yield ``(path, features)`` for each audio file - ``(K, D_audio)`` pooled encoder output on CPU - or
+    ``(path, DataError)`` for a file that cannot be loaded. The one place the frozen encoder runs offline."""
+    enc = model.audio_encoder
+    for start in range(0, len(paths), batch_size):
+        names, waves, valid = [], [], []
+        for p in paths[start:start + batch_size]:
+            try:
+                clip = load_audio(p, target_sr=enc.sampling_rate, max_seconds=max_seconds)
+            except DataError as err:
+                yield p, err
+                continue
+            names.append(p)
+            waves.append(clip.waveform)
+            valid.append(clip.num_valid)
+        if not names:
+            continue
+        feats = enc.prepare(waves, valid)
+        out = model.encode_audio(feats["audio"].to(model.device), feats["audio_valid_frac"].to(model.device))
+        for p, f in zip(names, out.cpu()):
+            yield p, f.contiguous()
 
 
 def main_cache(cfg, args) -> int:

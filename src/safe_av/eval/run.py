@@ -530,28 +530,15 @@ class MemoryFeatureCache:
     def __contains__(self, path) -> bool:
         return str(path) in self.features
 
-    @torch.no_grad()
     def build(self, model, paths: list[str], *, max_seconds: float, batch_size: int = 16) -> dict:
-        from safe_av.data.audio import load_audio
+        from safe_av.data.cache import encode_files
 
         todo = [p for p in dict.fromkeys(str(p) for p in paths) if p not in self.features and p not in self.errors]
-        for start in range(0, len(todo), batch_size):
-            names, waves, valid = [], [], []
-            for p in todo[start:start + batch_size]:
-                try:
-                    clip = load_audio(p, target_sr=model.audio_encoder.sampling_rate, max_seconds=max_seconds)
-                except DataError as err:
-                    self.errors[p] = err
-                    continue
-                names.append(p)
-                waves.append(clip.waveform)
-                valid.append(clip.num_valid)
-            if not names:
-                continue
-            feats = model.audio_encoder.prepare(waves, valid)
-            out = model.encode_audio(feats["audio"].to(model.device), feats["audio_valid_frac"].to(model.device))
-            for p, f in zip(names, out.cpu()):
-                self.features[p] = f.contiguous()
+        for p, feat in encode_files(model, todo, max_seconds=max_seconds, batch_size=batch_size):
+            if isinstance(feat, DataError):
+                self.errors[p] = feat
+            else:
+                self.features[p] = feat
         return {"encoded": len(self.features), "bad": len(self.errors)}
 
 

@@ -500,14 +500,10 @@ class Trainer:
         if self.cache is not None:
             feats = [self.cache.get(p) for p in paths if p in self.cache]
         else:
-            from safe_av.data.audio import load_audio
+            from safe_av.data.cache import encode_files
 
-            enc, feats = self.model.audio_encoder, []
-            for p in paths:
-                clip = load_audio(p, target_sr=enc.sampling_rate, max_seconds=self.cfg.data.max_audio_seconds)
-                f = enc.prepare([clip.waveform], [clip.num_valid])
-                feats.append(self.model.encode_audio(f["audio"].to(self.acc.device),
-                                                     f["audio_valid_frac"].to(self.acc.device))[0].cpu())
+            feats = [f for _, f in encode_files(self.model, paths, max_seconds=self.cfg.data.max_audio_seconds)
+                     if torch.is_tensor(f)]
         if feats:
             self.model.projector.set_input_stats(torch.stack(feats).to(self.acc.device))
             log.info("projector input standardised with the features of %d training clips", len(feats))
