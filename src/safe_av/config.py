@@ -252,6 +252,23 @@ class OptimConfig:
 
 
 @dataclass
+class AudioPretrainConfig:
+    """Trains a *tiny* audio encoder to hear the synthetic scenes first (what a real CLAP / Whisper brings)."""
+
+    enabled: bool = False
+    clips: int = 1000
+    """Fresh synthetic scenes rendered for it (a corpus of its own, disjoint from SAFE's data)."""
+    epochs: int = 30
+    lr: float = 3e-3
+    batch_size: int = 32
+    seed: int = 4242
+
+    def __post_init__(self):
+        _check(self.clips >= self.batch_size, "clips", self.clips, "must be >= batch_size")
+        _check(self.epochs > 0, "epochs", self.epochs, "must be > 0")
+
+
+@dataclass
 class PretrainConfig:
     """Trains a *tiny* base VL model on the VQA set first, so it has VL ability worth keeping."""
 
@@ -260,6 +277,7 @@ class PretrainConfig:
     lr: float = 1e-3
     batch_size: int = 32
     cache_dir: str = "runs/cache/base"
+    audio: AudioPretrainConfig = field(default_factory=AudioPretrainConfig)
 
 
 @dataclass

@@ -179,7 +179,8 @@ def quick_overrides(out: Path, n_phases: int) -> list[str]:
     sets = [
         f"data.root={out / 'corpus'}", "data.synthetic=false", f"data.feature_cache={out / 'cache' / 'features'}",
         f"train.pretrain.cache_dir={out / 'cache' / 'base'}", "train.pretrain.enabled=true",
-        "train.pretrain.epochs=1", "train.pretrain.batch_size=8",
+        "train.pretrain.epochs=1", "train.pretrain.batch_size=8", "train.pretrain.audio.clips=64",
+        "train.pretrain.audio.epochs=1",
         "curriculum.eval_every=3", "curriculum.eval_samples=4", "curriculum.min_stage_steps=1",
         "curriculum.max_stage_steps=2", "eval.batch_size=8", "eval.max_new_tokens=2", "loss.fisher_batches=2",
         "model.num_audio_tokens=4", "model.projector.hidden_dim=32", "train.optim.warmup_steps=2",
@@ -760,16 +761,14 @@ def write_plot(path: Path, agg: dict) -> None:
 
 
 def _ensure_data(cfg, quick: bool) -> None:
-    """Write the synthetic corpus when the config asks for it and it is absent (as ``Trainer`` would)."""
-    if (Path(cfg.data.root) / "synthetic_meta.json").is_file() or not (quick or cfg.data.synthetic):
-        return
-    from safe_av.data.synthetic import write_synthetic
+    """Write the synthetic corpus when the config asks for it (as ``Trainer`` would)."""
+    from safe_av.data.synthetic import ensure_synthetic, write_synthetic
 
     if quick:
-        write_synthetic(cfg.data.root, seed=cfg.data.synth_seed, small=True)
-    else:
-        write_synthetic(cfg.data.root, seed=cfg.data.synth_seed, n_videos=cfg.data.synth_videos,
-                        n_vqa_images=cfg.data.synth_vqa_images, n_audio_clips=cfg.data.synth_audio_clips)
+        if not (Path(cfg.data.root) / "synthetic_meta.json").is_file():
+            write_synthetic(cfg.data.root, seed=cfg.data.synth_seed, small=True)
+    elif cfg.data.synthetic:
+        ensure_synthetic(cfg.data)
 
 
 def _load_base_config(args, out: Path):

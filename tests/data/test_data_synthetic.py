@@ -147,3 +147,20 @@ def test_synthetic_audio_loads_at_encoder_rate(synth_small):
     clip = load_audio(sample.audio, target_sr=16000)
     assert clip.resampled and clip.orig_sr == 8000 and not clip.silent
     assert clip.num_valid == min(160000, int(round(clip.orig_duration_s * 16000)))
+
+
+def test_ensure_synthetic_rewrites_a_corpus_of_other_sizes(tmp_path):
+    import json
+
+    from safe_av.config import DataConfig
+    from safe_av.data.synthetic import ensure_synthetic
+
+    cfg = DataConfig(root=str(tmp_path / "c"), synthetic=True, synth_videos=4, synth_vqa_images=4,
+                     synth_audio_clips=3)
+    assert ensure_synthetic(cfg) is True
+    assert ensure_synthetic(cfg) is False  # same seed and sizes: reused
+    videos = lambda: len({r["video_id"] for s in ("train", "val", "test") for r in json.loads(  # noqa: E731
+        (tmp_path / "c" / "musicavqa" / "json" / f"avqa-{s}.json").read_text())})
+    assert videos() == 4
+    cfg.synth_videos = 6  # the config changed: never silently train on the old corpus
+    assert ensure_synthetic(cfg) is True and videos() == 6

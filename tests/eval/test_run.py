@@ -301,9 +301,9 @@ def test_api_answer_and_batch(run, media, loaded):
         loaded.answer_batch([{"image": "nope.jpg", "question": "?"}])
 
 
-def test_finds_the_pretrained_tiny_base_training_used(corpus, tmp_path):
-    """Without base_path recorded, the base is found where training's pretrain_tiny_base cached it."""
-    from safe_av.eval.run import CheckpointFiles, resolve_base
+def test_finds_the_pretrained_tiny_base_and_audio_encoder_training_used(corpus, tmp_path):
+    """Without paths recorded, the base and the audio encoder are found where training cached them."""
+    from safe_av.eval.run import CheckpointFiles, resolve_audio_encoder, resolve_base
     from safe_av.training.loop import Trainer
 
     cfg = make_cfg(corpus)
@@ -311,13 +311,20 @@ def test_finds_the_pretrained_tiny_base_training_used(corpus, tmp_path):
     cfg.train.pretrain.epochs = 0.1
     cfg.train.pretrain.batch_size = 8
     cfg.train.pretrain.cache_dir = str(tmp_path / "base")
+    cfg.train.pretrain.audio.enabled = True
+    cfg.train.pretrain.audio.clips = 32
+    cfg.train.pretrain.audio.epochs = 1
     trainer = Trainer(cfg, tmp_path / "run")
     trainer._prepare_data()
     trainer._build_model()
     built = sorted(p for p in (tmp_path / "base").iterdir() if (p / "DONE").is_file())
-    assert len(built) == 1
+    assert [p.name.split("-")[1] for p in built] == ["blip2", "clap"]  # tiny-blip2-opt-<key>, tiny-clap-<key>
     files = CheckpointFiles("adapter", tmp_path / "run" / "adapter", None, {})
     assert resolve_base(cfg, files) == str(built[0])  # allow_pretrain=False: found, not re-made
+    assert resolve_audio_encoder(cfg, files) == str(built[1]) == str(trainer.audio_path)
+    with pytest.raises(FileNotFoundError, match="audio encoder"):
+        cfg.train.pretrain.audio.seed += 1  # another recipe: not in the cache, and eval may not train
+        resolve_audio_encoder(cfg, files)
     recorded = CheckpointFiles("adapter", tmp_path, None, {"base_path": str(built[0])})
     assert resolve_base(cfg, recorded) == str(built[0])
     cfg.train.pretrain.lr = 1.0  # another recipe: another key, not in the cache

@@ -96,6 +96,29 @@ def test_lora_starts_as_identity_and_disables(tiny_models, rng):
     assert torch.allclose(teacher, ref(**batch, use_audio=False).logits, atol=1e-6)
 
 
+def test_idle_lora_is_switched_off_exactly_and_back_on_when_it_matters(tiny_models, rng):
+    from peft import LoraConfig
+
+    _, _, enc = tiny_models("tiny-blip2-opt")
+    model = SAFEModel(BaseVL(*load_base("tiny-blip2-opt")), enc, num_audio_tokens=4, projector_hidden=64,
+                      lora=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).eval()
+    batch = _batch(model, rng)
+    assert model.lora_active  # trainable from the start
+    with torch.no_grad():
+        on = model(**batch).logits
+        model.set_trainable(projector=True, fusion=True, lora=False)  # a phase that does not train LoRA
+        assert not model.lora_active  # frozen and lora_B == 0: the identity, skipped
+        assert torch.equal(model(**batch).logits, on)
+        lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        lora_b[0].fill_(0.1)  # e.g. a trained LoRA loaded from a checkpoint
+        assert model.sync_lora_active()
+        changed = model(**batch).logits
+        with model.adapters_disabled():  # the teacher's switch restores the state it found
+            assert torch.equal(model(**batch).logits, on)
+        assert model.lora_active and torch.equal(model(**batch).logits, changed)
+        assert (changed - on).abs().max() > 1e-4
+
+
 def test_save_and_load_round_trip_without_pickle(tiny_models, rng, tmp_path):
     cfg, vl, enc = tiny_models("tiny-blip2-opt")
     torch.manual_seed(1)

@@ -295,6 +295,8 @@ def write_synthetic(
     }
     meta = {
         "seed": seed,
+        "sizes": {"n_videos": n_videos, "n_vqa_images": n_vqa_images, "n_audio_clips": n_audio_clips,
+                  "small": small},
         "sample_rate": sample_rate,
         "counts": counts,
         "answer_vocabulary": sorted({*NUMBERS, "yes", "no", *INSTRUMENTS, *POSITIONS}),
@@ -302,3 +304,29 @@ def write_synthetic(
     }
     (out / "synthetic_meta.json").write_text(json.dumps(meta, indent=1))
     return roots
+
+
+def ensure_synthetic(data_cfg) -> bool:
+    """Write the corpus ``data_cfg`` asks for (``data.root``, ``synth_seed``, ``synth_*`` sizes) unless the one
+    on disk was written with the same seed and sizes; True when it (re)wrote it. A corpus written with other
+    sizes is rewritten, not silently reused."""
+    import logging
+
+    want = {"n_videos": data_cfg.synth_videos, "n_vqa_images": data_cfg.synth_vqa_images,
+            "n_audio_clips": data_cfg.synth_audio_clips, "small": False}
+    meta_path = Path(data_cfg.root) / "synthetic_meta.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("seed") == data_cfg.synth_seed and meta.get("sizes") == want:
+            return False
+        why = f"it holds seed={meta.get('seed')} sizes={meta.get('sizes')}, the config asks for " \
+              f"seed={data_cfg.synth_seed} sizes={want}"
+    else:
+        why = "absent"
+    logging.getLogger(__name__).info("writing the synthetic corpus to %s (%s)", data_cfg.root, why)
+    write_synthetic(data_cfg.root, seed=data_cfg.synth_seed, n_videos=want["n_videos"],
+                    n_vqa_images=want["n_vqa_images"], n_audio_clips=want["n_audio_clips"])
+    return True

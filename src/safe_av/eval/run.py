@@ -173,10 +173,9 @@ def resolve_base(cfg: SAFEConfig, files: CheckpointFiles, *, allow_pretrain: boo
     from safe_av.training.pretrain import pretrain_tiny_base, pretrained_base_folder
 
     if cfg.data.synthetic and not (Path(cfg.data.root) / "synthetic_meta.json").is_file() and allow_pretrain:
-        from safe_av.data.synthetic import write_synthetic
+        from safe_av.data.synthetic import ensure_synthetic
 
-        write_synthetic(cfg.data.root, seed=cfg.data.synth_seed, n_videos=cfg.data.synth_videos,
-                        n_vqa_images=cfg.data.synth_vqa_images, n_audio_clips=cfg.data.synth_audio_clips)
+        ensure_synthetic(cfg.data)
     try:
         vl_train, vocab = pretrain_inputs(cfg)
     except FileNotFoundError as err:
@@ -194,6 +193,36 @@ def resolve_base(cfg: SAFEConfig, files: CheckpointFiles, *, allow_pretrain: boo
                 "and data; identical to the run's when pretrained on the same kind of device)", folder)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return str(pretrain_tiny_base(cfg, vl_train, vocab, device=device))
+
+
+def resolve_audio_encoder(cfg: SAFEConfig, files: CheckpointFiles, *, allow_pretrain: bool = False) -> str | None:
+    """The folder of the audio encoder the run used, or None when ``cfg.model.audio_encoder`` itself is it.
+
+    Order: ``audio_encoder_path`` recorded in ``adapter_config.json``; for a tiny encoder with
+    ``train.pretrain.audio``, the cache's pretrained encoder (re-pretrained, deterministically, only with
+    ``allow_pretrain``).
+    """
+    recorded = files.adapter_config.get("audio_encoder_path")
+    if recorded:
+        found = _existing_dir(str(recorded), [files.weights, files.weights.parent])
+        if found is not None:
+            return str(found)
+        log.warning("adapter_config.json records audio_encoder_path=%r, which does not exist here: looking for "
+                    "the encoder as training does", recorded)
+    from safe_av.training.pretrain_audio import pretrain_tiny_audio, pretrained_audio_folder, wants_audio_pretraining
+
+    if not wants_audio_pretraining(cfg):
+        return None
+    folder = pretrained_audio_folder(cfg)
+    if (folder / "DONE").is_file():
+        return str(folder)
+    if not allow_pretrain:
+        raise FileNotFoundError(f"the run's pretrained tiny audio encoder {folder} is not in the cache (train."
+                                f"pretrain.cache_dir={cfg.train.pretrain.cache_dir}, relative to the working "
+                                "directory); run `safe eval` once to re-create it, or pass the run's working directory")
+    log.warning("the run's pretrained tiny audio encoder %s is missing: pretraining it again", folder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return str(pretrain_tiny_audio(cfg, device=device))
 
 
 # ================================================================== loading
@@ -230,6 +259,7 @@ def _load_state(model, path: Path) -> None:
                 raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
                                  f"{tuple(params[name].shape)}")
             params[name].copy_(tensor)
+    model.sync_lora_active()
 
 
 def load_checkpoint(checkpoint: str | Path, cfg: SAFEConfig | None = None, *, device: str | torch.device | None = None,
@@ -242,7 +272,8 @@ def load_checkpoint(checkpoint: str | Path, cfg: SAFEConfig | None = None, *, de
     run_cfg = model_config(files, cfg)
     base_path = resolve_base(run_cfg, files, allow_pretrain=allow_pretrain)
     base = build_base(run_cfg.model, base=base_path)
-    encoder = build_audio_encoder(run_cfg.model)
+    encoder = build_audio_encoder(run_cfg.model, path=resolve_audio_encoder(run_cfg, files,
+                                                                             allow_pretrain=allow_pretrain))
     if files.kind == "checkpoint":
         # anchors (original weights) for every base module any phase unfroze, taken before loading
         model = build_safe_model(run_cfg.model, base=base, audio_encoder=encoder, unfreeze=_base_unfreeze(run_cfg))

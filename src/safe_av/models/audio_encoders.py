@@ -81,9 +81,13 @@ class AudioEncoder(nn.Module):
         return self
 
     def config_fingerprint(self) -> dict:
-        """What determines the encoder's output: used as the feature cache's key."""
+        """What determines the encoder's output: used as the feature cache's key.
+
+        Holds a digest of the weights, so two encoders with one config but different weights (a tiny
+        preset before and after its pretraining, two fine-tuned checkpoints) never share cached features.
+        """
         return {"kind": self.kind, "encoder": self.encoder.config.to_dict(),
-                "feature_extractor": self.feature_extractor.to_dict()}
+                "feature_extractor": self.feature_extractor.to_dict(), "weights": weights_digest(self.encoder)}
 
     def prepare(self, waveforms: list[np.ndarray], num_valid: list[int]) -> dict[str, torch.Tensor]:
         """See :func:`prepare_audio`."""
@@ -91,7 +95,11 @@ class AudioEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, audio_values: torch.Tensor, audio_valid_frac: torch.Tensor) -> AudioEncoderOutput:
-        """(B, ...) input features -> tokens (B, T, D), mask (B, T), pooled (B, D)."""
+        """(B, ...) input features -> tokens (B, T, D), mask (B, T), pooled (B, D); frozen (no gradients)."""
+        return self.encode(audio_values, audio_valid_frac)
+
+    def encode(self, audio_values: torch.Tensor, audio_valid_frac: torch.Tensor) -> AudioEncoderOutput:
+        """:meth:`forward` with autograd left on (for pretraining a tiny encoder)."""
         dtype = next(self.encoder.parameters()).dtype
         if self.kind == "clap":
             out = self.encoder(input_features=audio_values.to(dtype), return_dict=True)
@@ -105,6 +113,19 @@ class AudioEncoder(nn.Module):
         pooled = (tokens * mask.unsqueeze(-1)).sum(1) / valid.unsqueeze(1).to(tokens.dtype)
         return AudioEncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
 
+
+
+def weights_digest(module: nn.Module, *, max_elements: int = 1 << 16) -> str:
+    """A short digest of a module's parameters (a strided sample of each tensor: fast on large models)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // max_elements)
+        h.update(name.encode())
+        h.update(flat[::step].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def prepare_audio(feature_extractor, kind: str, waveforms: list[np.ndarray],

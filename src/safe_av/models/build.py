@@ -18,8 +18,9 @@ def build_base(cfg: ModelConfig, *, texts: list[str] | None = None, base: str | 
     return BaseVL(model, processor)
 
 
-def build_audio_encoder(cfg: ModelConfig) -> AudioEncoder:
-    model, fe = load_audio_encoder(cfg.audio_encoder, dtype=cfg.dtype, seed=cfg.tiny_seed + 1)
+def build_audio_encoder(cfg: ModelConfig, *, path: str | None = None) -> AudioEncoder:
+    """The frozen audio encoder named by ``cfg.audio_encoder`` (or ``path``: e.g. a pretrained tiny encoder)."""
+    model, fe = load_audio_encoder(path or cfg.audio_encoder, dtype=cfg.dtype, seed=cfg.tiny_seed + 1)
     return AudioEncoder(model, fe)
 
 

@@ -141,6 +141,29 @@ class SAFEModel(nn.Module):
             for name, p in self.base.language_model_module().named_parameters():
                 if "lora_" in name:
                     p.requires_grad_(True)
+        self.sync_lora_active()
+
+    def _lora_layers(self) -> list:
+        if self.lora_config is None:
+            return []
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in self.modules() if isinstance(m, BaseTunerLayer)]
+
+    @torch.no_grad()
+    def sync_lora_active(self) -> bool:
+        """Switch the LoRA layers off while they are exactly the identity: frozen, with every ``lora_B`` zero
+        (peft's initialisation), as before the phase that trains them. Saves their matmuls and dropout in
+        every earlier step at no change in output; call again after loading weights. Returns the state."""
+        layers = self._lora_layers()
+        if not layers:
+            return False
+        lora = [(n, p) for n, p in self.base.language_model_module().named_parameters() if "lora_" in n]
+        active = any(p.requires_grad for _, p in lora) or any(bool(p.any()) for n, p in lora if "lora_B" in n)
+        for m in layers:
+            m.enable_adapters(active)
+        self.lora_active = active
+        return active
 
     def _apply(self, fn, recurse: bool = True):
         # anchors (θ*) are plain tensors, not parameters: move/cast them with the module
@@ -316,19 +339,17 @@ class SAFEModel(nn.Module):
     @contextlib.contextmanager
     def adapters_disabled(self):
         """LoRA adapters off inside the block (peft's own switch)."""
-        if self.lora_config is None:
+        layers = self._lora_layers()
+        if not layers:
             yield
             return
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = [m for m in self.modules() if isinstance(m, BaseTunerLayer)]
         for m in layers:
             m.enable_adapters(False)
         try:
             yield
         finally:
             for m in layers:
-                m.enable_adapters(True)
+                m.enable_adapters(self.lora_active)
 
     @torch.no_grad()
     def teacher_forward(self, batch: dict) -> SAFEOutput:
@@ -422,6 +443,7 @@ class SAFEModel(nn.Module):
                                  f"{tuple(params[name].shape)}")
             with torch.no_grad():
                 params[name].copy_(tensor)
+        model.sync_lora_active()
         return model
 
 

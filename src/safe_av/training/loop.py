@@ -118,13 +118,11 @@ class Trainer:
 
     def _prepare_data(self) -> None:
         cfg = self.cfg
-        if cfg.data.synthetic and not (Path(cfg.data.root) / "synthetic_meta.json").is_file():
+        if cfg.data.synthetic:
             if self.main:
-                from safe_av.data.synthetic import write_synthetic
+                from safe_av.data.synthetic import ensure_synthetic
 
-                log.info("writing the synthetic corpus to %s", cfg.data.root)
-                write_synthetic(cfg.data.root, seed=cfg.data.synth_seed, n_videos=cfg.data.synth_videos,
-                                n_vqa_images=cfg.data.synth_vqa_images, n_audio_clips=cfg.data.synth_audio_clips)
+                ensure_synthetic(cfg.data)
             self.acc.wait_for_everyone()
         names = sorted({d for p in cfg.train.phases for d in p.datasets} | {cfg.data.vqa_dataset})
         self.train_corpus = read_corpus(cfg.data, names, "train")
@@ -146,11 +144,20 @@ class Trainer:
             self.acc.wait_for_everyone()
             base_path = pretrain_tiny_base(cfg, vl_train, vocab) if base_path is None else base_path
         self.base_path = base_path
+        self.audio_path = None
+        from safe_av.training.pretrain_audio import pretrain_tiny_audio, wants_audio_pretraining
+
+        if wants_audio_pretraining(cfg):
+            if self.main:
+                self.audio_path = pretrain_tiny_audio(cfg, device=self.acc.device)
+            self.acc.wait_for_everyone()
+            self.audio_path = self.audio_path or pretrain_tiny_audio(cfg)
         base = build_base(cfg.model, base=str(base_path) if base_path else None)
         if cfg.train.mixed_precision == "fp16" and base.is_encoder_decoder:
             raise ConfigError("train.mixed_precision='fp16': refused for FlanT5 (T5 overflows in fp16); use bf16 or no")
         torch.manual_seed(cfg.train.seed)
-        self.model: SAFEModel = build_safe_model(cfg.model, base=base, audio_encoder=build_audio_encoder(cfg.model))
+        encoder = build_audio_encoder(cfg.model, path=str(self.audio_path) if self.audio_path else None)
+        self.model: SAFEModel = build_safe_model(cfg.model, base=base, audio_encoder=encoder)
         self.model.to(self.acc.device)
         self.processor = SAFEProcessor.from_model(self.model, max_length=cfg.data.max_text_length)
         self.ddp_model = None
@@ -397,33 +404,38 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; non-finite losses/grads skip the step."""
         cfg, st = self.cfg, self.state
         accum = cfg.train.optim.grad_accum
-        totals: dict[str, float] = {}
-        n_samples, n_tokens, finite = 0, 0, True
+        # Loss parts stay on the device until the step ends: one host sync per optimizer step, not per part
+        # and micro-batch. A non-finite micro-batch loss still gets its backward (its NaN/inf reaches the
+        # gradient norm; with several processes every rank must run the same all-reduces) and skips the step.
+        sums: dict[str, torch.Tensor] = {}
+        n_samples, n_tokens = 0, 0
+        finite_t = torch.ones((), dtype=torch.bool, device=self.acc.device)
         for micro in range(accum):
             batch = stream.next()
             st.skipped_samples += int(batch.get("skipped", 0))
             if batch.get("empty"):
                 continue
-            batch = move_batch(batch, self.acc.device)
             n_samples += batch["input_ids"].shape[0]
-            n_tokens += int(batch["attention_mask"].sum())
+            n_tokens += int(batch["attention_mask"].sum())  # on the host, before the move
+            batch = move_batch(batch, self.acc.device)
             sync = micro == accum - 1 or self.acc.num_processes == 1
             ctx = self.acc.no_sync(model) if not sync else _null()
             with ctx, self.acc.autocast():
                 loss, parts = self.compute_loss(model, batch, w)
-            if not torch.isfinite(loss):
-                finite = False
-                if self.acc.num_processes == 1:
-                    continue  # several processes: backward anyway, every rank must run the same all-reduces
+            finite_t = finite_t & torch.isfinite(loss.detach())
             self.acc.backward(loss / accum)
-            for k, v in parts.items():
-                totals[f"loss/{k}"] = totals.get(f"loss/{k}", 0.0) + float(v.detach()) / accum
-            totals["loss/total"] = totals.get("loss/total", 0.0) + float(loss.detach()) / accum
+            for k, v in [*((f"loss/{k}", v) for k, v in parts.items()), ("loss/total", loss)]:
+                v = v.detach().float() / accum
+                sums[k] = sums[k] + v if k in sums else v
         if self.acc.num_processes > 1:  # one rank's non-finite loss skips the step on all of them
-            finite = bool(self.acc.gather(torch.tensor([float(finite)], device=self.acc.device)).min() > 0)
+            finite_t = self.acc.gather(finite_t.reshape(1).float()).min() > 0
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = self.acc.clip_grad_norm_(params, cfg.train.optim.grad_clip) if finite else torch.tensor(float("nan"))
-        if not finite or not torch.isfinite(torch.as_tensor(grad_norm)):
+        grad_norm = torch.as_tensor(self.acc.clip_grad_norm_(params, cfg.train.optim.grad_clip), device=self.acc.device)
+        host = torch.stack([finite_t.float(), grad_norm.float(), *sums.values()]).tolist()  # the one sync
+        finite = host[0] > 0
+        grad_norm = host[1]
+        totals: dict[str, float] = dict(zip(sums, host[2:]))
+        if not finite or not math.isfinite(grad_norm):
             optim.zero_grad(set_to_none=True)
             st.skipped_steps += 1
             st.nonfinite_in_a_row += 1
@@ -439,7 +451,7 @@ class Trainer:
         optim.step()
         sched.step()
         optim.zero_grad(set_to_none=True)
-        totals["grad_norm"] = float(grad_norm)
+        totals["grad_norm"] = grad_norm
         totals["_samples"], totals["_tokens"] = n_samples, n_tokens
         return totals
 
@@ -560,6 +572,7 @@ class Trainer:
         with torch.no_grad():
             for name, tensor in model_state.items():
                 params[name].copy_(tensor)
+        self.model.sync_lora_active()
         if scaler_state and getattr(self.acc, "scaler", None) is not None:
             self.acc.scaler.load_state_dict(scaler_state)
         if self.state.stream:
@@ -576,9 +589,10 @@ class Trainer:
                        phase_starts=st.phase_starts, train_seconds=round(time.time() - self.t0, 1))
         if self.main:
             base_path = str(Path(self.base_path).resolve()) if self.base_path else None
+            audio_path = str(Path(self.audio_path).resolve()) if self.audio_path else None
             self.model.save_pretrained(self.out / "adapter", extra_config={
                 "base": self.cfg.model.base, "audio_encoder": self.cfg.model.audio_encoder, "base_path": base_path,
-                "model": to_dict(self.cfg.model)})
+                "audio_encoder_path": audio_path, "model": to_dict(self.cfg.model)})
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
             try:
                 from safe_av.eval.report import write_report
@@ -684,6 +698,8 @@ class _TouchAllTrainable(torch.nn.Module):
     A rank whose batch has no audio never calls the projector/fusion: in phases 1-2 its loss would then
     not require grad at all (backward fails) and the gradient all-reduce would not match the other ranks.
     The zero term gives every trainable parameter an exact zero gradient instead; values are unchanged.
+    A batch with audio reaches every trainable part already, so it is added only to batches without
+    audio (known on the host from the collated batch: no device sync, no extra ops on the usual step).
     """
 
     def __init__(self, model: SAFEModel):
@@ -692,7 +708,8 @@ class _TouchAllTrainable(torch.nn.Module):
 
     def forward(self, **batch):
         out = self.model(**batch)
-        if out.loss is not None:
+        no_audio = batch.get("audio") is None and batch.get("audio_features") is None
+        if out.loss is not None and (no_audio or batch.get("use_audio") is False):
             out.loss = out.loss + 0.0 * sum(p.sum() for p in self.model.parameters() if p.requires_grad)
         return out
 

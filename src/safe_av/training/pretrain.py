@@ -36,7 +36,8 @@ def corpus_texts(samples: list[Sample]) -> list[str]:
 
 def _key(cfg: SAFEConfig, samples: list[Sample]) -> str:
     ids = sorted(f"{s.dataset}/{s.id}/{s.answers[0] if s.answers else ''}" for s in samples)
-    blob = json.dumps({"recipe": 4, "base": cfg.model.base, "seed": cfg.model.tiny_seed, "pretrain": to_dict(cfg.train.pretrain),
+    recipe = {k: v for k, v in to_dict(cfg.train.pretrain).items() if k != "audio"}  # the encoder's own key
+    blob = json.dumps({"recipe": 4, "base": cfg.model.base, "seed": cfg.model.tiny_seed, "pretrain": recipe,
                        "samples": ids, "max_len": cfg.data.max_text_length}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
