@@ -148,10 +148,10 @@ def main() -> int:
             f"{mib(mem['naive']['base_bytes'])}).", "",
             f"Target, part 2 - peak within 10% of no-distillation: {C.verdict(on_ratio_t <= TARGET)} on exact tensor "
             f"bytes (x{on_ratio_t:.3f}); RSS delta x{on_ratio_rss:.3f}. The extra is not weights but the teacher's "
-            "working set: `compute_loss` runs `teacher_forward` on the whole batch (every row, not only the "
-            "distilled ones) and keeps its full (B, T, V) logits and hidden states, and `distillation_loss` / "
-            "`retention_loss` take log-softmax / MSE over all (B, T) positions before masking. The time ratio has "
-            "the same cause (a full no-grad forward, vision path included, for a few rows).", "",
+            "working set: `compute_loss` runs `teacher_forward` on the distilled rows only (`_select_rows`) and "
+            "keeps their logits and last hidden states until the losses are taken; `safe info` predicts it as a "
+            "transient (every layer's hidden states of those rows). The time ratio is that no-grad forward, "
+            "vision path included, for a few rows.", "",
             "Caveat: the demo base weighs ~3 MiB, so at this size a weight copy hardly shows in RSS (runtime and "
             "allocator noise dominate); the tensor-byte columns are the exact account. At real sizes weights "
             "dominate the peak; bench/gpu_check.py measures distillation on vs off there."]

@@ -243,6 +243,23 @@ def check(name: str, args, tmp: Path) -> dict:
 C_GIB = 2**30
 
 
+def predict_only(args) -> int:
+    """Predicted peaks for the real sizes (CPU, no weights): compare with a recorded GPU measurement."""
+    from safe_av.info import build_parts, model_summary
+
+    for item in args.predict_only or ["blip2_opt_clap:85", "llava_whisper:629"]:
+        name, seq = item.split(":")
+        cfg = _config(name, Path(tempfile.mkdtemp(prefix="bench-gpu-")), args)
+        parts = build_parts(cfg)
+        text = int(seq) - parts.num_visual_tokens - cfg.model.num_audio_tokens
+        on = model_summary(cfg, phase=0, parts=parts, text_tokens=text).memory.peak / 2**30
+        cfg.loss.distillation = cfg.loss.retention = False
+        off = model_summary(cfg, phase=0, parts=parts, text_tokens=text).memory.peak / 2**30
+        print(f"{name}: batch {args.batch} x {seq}: predicted peak {on:.2f} GiB (distillation + retention on), "
+              f"{off:.2f} GiB (off)", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny models (CPU smoke test of the same code path)")
@@ -252,8 +269,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", help="also write results.json and results.md into this folder")
     ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    ap.add_argument("--predict-only", nargs="*", metavar="MODEL:SEQ", default=None,
+                    help="no GPU: print `safe info`'s predicted peak for the real-size presets at the measured "
+                         "batch x sequence (e.g. blip2_opt_clap:85 llava_whisper:629), with and without the teacher")
     args = ap.parse_args()
     C.setup_threads()
+    if args.predict_only is not None:
+        return predict_only(args)
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible; use --tiny for the CPU smoke test", flush=True)
         return 2

@@ -218,7 +218,7 @@ def test_unknown_base_without_arch_is_refused():
 # Peak memory measured on one NVIDIA H100 80GB (torch 2.11, transformers 5.17), randomly initialised weights
 # built from these same architecture files: CLAP tower + base on the GPU, SAFE projector + fusion trained with
 # AdamW under bf16 autocast, LM fed [32|576 visual][8 audio][32 text] embeddings; torch.cuda.max_memory_allocated
-# over the second step (optimizer states allocated). GiB.
+# over the second step (optimizer states allocated), no teacher pass (distillation and retention off). GiB.
 H100_MEASURED = [
     ("blip2-opt-2.7b", "bfloat16", False, 8, 10.12),
     ("blip2-opt-2.7b", "float32", False, 8, 21.91),  # fp32 weights + bf16 autocast: bf16 weight copies saved
@@ -233,5 +233,21 @@ def test_predicted_peak_matches_h100_measurement(base, dtype, gc, batch, measure
     cfg.model.base, cfg.model.audio_encoder = base, "clap-htsat-unfused"
     cfg.model.dtype, cfg.train.mixed_precision, cfg.model.gradient_checkpointing = dtype, "bf16", gc
     cfg.train.phases[-1].batch_size = batch
+    cfg.loss.distillation = cfg.loss.retention = False
     peak = model_summary(cfg, parts=parts_for(base)[1]).memory.peak / 2**30
     assert peak == pytest.approx(measured, rel=0.05)
+
+
+def test_teacher_pass_is_predicted_only_where_it_runs():
+    """Distillation / retention add the teacher's forward (all hidden states of the distilled rows) to the
+    peak, in phases with image rows only; phase 1 of the demo (captions only) has no teacher."""
+    from safe_av.config import load_config
+
+    cfg = load_config("configs/demo.yaml", ["train.pretrain.enabled=false"])
+    on = [model_summary(cfg, phase=i).memory for i in range(3)]
+    cfg.loss.distillation = cfg.loss.retention = False
+    off = [model_summary(cfg, phase=i).memory for i in range(3)]
+    assert on[0].peak == off[0].peak  # audiocaps only: no distilled rows
+    for i in (1, 2):
+        assert on[i].peak > off[i].peak and on[i].activations == off[i].activations
+        assert on[i].transient > off[i].transient

@@ -404,13 +404,22 @@ class Trainability:
     fusion: bool
     lora: bool
     unfrozen: list[str]
+    teacher: bool = False
+    """The phase runs the teacher (distillation / retention) on rows with an image."""
+
+
+IMAGE_DATASETS = ("vqav2", "musicavqa", "avsd")
+"""Datasets whose rows carry an image, so distillation / retention apply to some of them."""
 
 
 def phase_trainability(cfg: SAFEConfig, phase: PhaseConfig) -> Trainability:
     unfrozen = list(phase.unfreeze) if "base" in phase.train else []
+    teacher = (cfg.loss.distillation or cfg.loss.retention) and not cfg.loss.task_only and any(
+        d in IMAGE_DATASETS or d in (cfg.data.vqa_dataset, cfg.data.avqa_dataset) for d in phase.datasets)
     return Trainability(projector="projector" in phase.train,
                         fusion="fusion" in phase.train and cfg.model.fusion.enabled,
-                        lora="lora" in phase.train and cfg.model.lora.enabled, unfrozen=unfrozen)
+                        lora="lora" in phase.train and cfg.model.lora.enabled, unfrozen=unfrozen,
+                        teacher=bool(teacher))
 
 
 def _pick_phase(cfg: SAFEConfig, phase: int | None) -> tuple[int, PhaseConfig]:
@@ -528,6 +537,13 @@ def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfi
                                                   lora_inputs_per_token=lora_in)
     stored += lm_stored
     transient += lm_transient
+    if tr.teacher:
+        # the teacher's no-grad forward runs while the student's activations are held: it keeps every
+        # layer's hidden states (output_hidden_states) plus one layer's intermediates and its logits.
+        # Upper bound: every row distilled.
+        n_states = lm.layers + 1 if lm.kind == "decoder" else lm.decoder_layers + 1
+        teacher = (n_states * lm.hidden + max(lm.ffn, 3 * lm.hidden) + lm.vocab) * out_seq * e * batch
+        transient = max(transient, teacher)
     # autocast with weights stored in another dtype (fp32 weights + bf16 autocast): every frozen LM matmul
     # runs on a bf16 copy of its weight, and autograd keeps that copy to pass gradients back (2 B/param)
     autocast_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(s.mixed_precision)

@@ -138,11 +138,11 @@ def _ranks(dump: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def ddp_setup(small_corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    # dropout off: a resumed rank restores rank 0's RNG state, which equals its own only when the ranks
-    # draw the same random numbers - and rank 1's audio-less batches (below) draw fewer.
+    # dropout on: each rank draws its own random numbers (rank 1's audio-less batches draw fewer), so an
+    # exact restart needs every rank's own RNG states in the checkpoint
     cfg = tiny_train_config(small_corpus, tmp, **{
         "train.optim.grad_accum": 2, "train.checkpoint_every": 1, "data.feature_cache": f"{tmp}/features",
-        "model.projector.dropout": 0.0, "model.fusion.dropout": 0.0, "model.lora.enabled": False,
+        "model.projector.dropout": 0.1, "model.fusion.dropout": 0.1, "model.lora.enabled": False,
         "train.phases": PHASES})
     config = tmp / "config.yaml"
     config.write_text(config_to_yaml(cfg))
@@ -190,20 +190,26 @@ def test_torchrun_restart_resumes_from_rank0_checkpoint(ddp_setup):
     # both ranks resumed from the checkpoint rank 0 saved at step 4
     assert r0["resumed_from"] == r1["resumed_from"]
     assert r0["resumed_from"][1] == 4 and Path(r0["resumed_from"][0]).is_relative_to(run)
-    # and the run ends as the uninterrupted one: identical up to the kill; after the restart within float
-    # rounding, because checkpoints hold rank 0's RNG state only (rank 1 resumes with rank 0's stream:
-    # a known gap, see the closing note) - the single-process resume test checks bit-exactness
+    # checkpoints hold each rank's own RNG states (the one resumed from is rotated away by now)
+    from safe_av.training.checkpoint import find_latest
+
+    latest = find_latest(run)
+    assert (latest / "rng_rank0.json").is_file() and (latest / "rng_rank1.json").is_file()
+    # and the run goes on as the uninterrupted one (two uninterrupted launches agree bit for bit): the same
+    # loss at every step through step 8, with dropout on and per-rank RNG. The last step still differs by
+    # float rounding (~1e-7 relative) - a state outside the checkpoint that is not found yet (see the
+    # closing note); the single-process resume test checks bit-exactness to the end.
     got, want = _losses(run), _losses(ref)
     assert sorted(got) == sorted(want) == list(range(1, 10))
     for step in want:
-        if step <= 4:
+        if step <= 8:
             assert got[step] == want[step], f"step {step}: {got[step]} != {want[step]}"
-        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), f"step {step}: {got[step]} != {want[step]}"
+        assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), f"step {step}: {got[step]} != {want[step]}"
     a = load_file(str(ref / "adapter" / "adapter.safetensors"))
     b = load_file(str(run / "adapter" / "adapter.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
     w0, w1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k

@@ -157,7 +157,8 @@ def _read_state(folder: Path, name: str) -> Any:
 # ---- RNG -----------------------------------------------------------------------------------
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's python / numpy / torch (+ CUDA) RNG states."""
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -281,6 +282,7 @@ def save_checkpoint(
     scaler_state: dict[str, Any] | None,
     train_state: dict[str, Any],
     rng: bool = True,
+    rank_rng: list[dict[str, Any]] | None = None,
     config_yaml: str,
     keep_last: int = 3,
     best_metric: Metric | None = None,
@@ -297,6 +299,8 @@ def save_checkpoint(
         scaler_state: ``GradScaler.state_dict()`` or ``None``.
         train_state: JSON-able resume state (curriculum, sampler position, counters, best …).
         rng: also save python/numpy/torch(/CUDA) RNG states.
+        rank_rng: with several processes, every rank's RNG states (index = rank, from :func:`rng_state`),
+            saved as ``rng_rank<i>``; each rank restores its own on resume.
         config_yaml: the resolved config, saved as ``config.yaml``.
         keep_last: complete checkpoints to keep (the best is kept in addition).
         best_metric: ``(name, value, "max"|"min")`` of this checkpoint, for best-keeping.
@@ -326,7 +330,9 @@ def save_checkpoint(
         _write_state(tmp, "scaler", scaler_state)
     _write_state(tmp, "train_state", train_state)
     if rng:
-        _write_state(tmp, "rng", _rng_state())
+        _write_state(tmp, "rng", rng_state())
+        for i, state in enumerate(rank_rng or []):
+            _write_state(tmp, f"rng_rank{i}", state)
     _write_bytes(tmp / "config.yaml", config_yaml.encode())
     metric = None if best_metric is None else dict(zip(("name", "value", "mode"), best_metric))
     meta = {"format": FORMAT, "step": step, "metric": metric, "time": time.time(),
@@ -360,6 +366,7 @@ def load_checkpoint(
     optimizer: Optimizer | None,
     scheduler: Any | None,
     restore_rng: bool = True,
+    rank: int = 0,
 ) -> tuple[dict[str, Tensor], dict[str, Any] | None, dict[str, Any]]:
     """Restore optimizer, scheduler and RNG states in place; return the rest.
 
@@ -371,6 +378,8 @@ def load_checkpoint(
         optimizer: built over the same parameters in the same groups, or ``None`` to skip.
         scheduler: built over ``optimizer``, or ``None`` to skip.
         restore_rng: set python/numpy/torch(/CUDA) RNG states to the saved ones.
+        rank: this process's rank: its own saved states (``rng_rank<rank>``) when the checkpoint has them,
+            else the main process's.
 
     Returns:
         ``(model_state, scaler_state or None, train_state)``; tensors on CPU.
@@ -393,7 +402,9 @@ def load_checkpoint(
             raise ValueError(f"{path}: a scheduler was given but the checkpoint has no scheduler.json")
         scheduler.load_state_dict(sched_state)
     if restore_rng:
-        rng_state = _read_state(path, "rng")
-        if rng_state is not None:
-            _restore_rng(rng_state)
+        saved_rng = _read_state(path, f"rng_rank{rank}")
+        if saved_rng is None:
+            saved_rng = _read_state(path, "rng")
+        if saved_rng is not None:
+            _restore_rng(saved_rng)
     return model_state, _read_state(path, "scaler"), _read_state(path, "train_state")

@@ -537,11 +537,16 @@ class Trainer:
         st = self.state
         st.stream = stream.state_dict()
         st.curriculum = self.curriculum.state_dict() if self.curriculum is not None else None
+        rank_rng = None
+        if self.acc.num_processes > 1:  # every rank's own RNG streams, so a restart continues each exactly
+            from accelerate.utils import gather_object
+
+            rank_rng = gather_object([ckpt.rng_state()])
         if not self.main:
             return
         scaler = self.acc.scaler.state_dict() if getattr(self.acc, "scaler", None) is not None else None
         ckpt.save_checkpoint(self.out, st.global_step, model_state=self.model.adapter_state_dict(), optimizer=optim,
-                             scheduler=sched, scaler_state=scaler, train_state=asdict(st),
+                             scheduler=sched, scaler_state=scaler, train_state=asdict(st), rank_rng=rank_rng,
                              config_yaml=config_to_yaml(self.cfg), keep_last=self.cfg.train.keep_last,
                              best_metric=self._best_metric())
 
@@ -567,7 +572,8 @@ class Trainer:
         return path
 
     def _restore(self, path: Path, optim, sched, stream: BatchStream) -> None:
-        model_state, scaler_state, _ = ckpt.load_checkpoint(path, optimizer=optim, scheduler=sched)
+        model_state, scaler_state, _ = ckpt.load_checkpoint(path, optimizer=optim, scheduler=sched,
+                                                            rank=self.acc.process_index)
         params = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         with torch.no_grad():
             for name, tensor in model_state.items():
