@@ -47,10 +47,13 @@ class FusionConfig:
     dropout: float = 0.1
     attend_text: bool = True
     """The fusion context holds the prompt's embeddings besides the visual tokens (question-aware audio)."""
+    gate_scale: float = 1.0
+    """Gates are tanh(gate_scale * g), starting at 0; > 1 opens them faster under Adam (see FusionLayer)."""
 
     def __post_init__(self):
         _check(self.num_heads > 0, "num_heads", self.num_heads, "must be > 0")
         _check(self.ffn_mult > 0, "ffn_mult", self.ffn_mult, "must be > 0")
+        _check(self.gate_scale > 0, "gate_scale", self.gate_scale, "must be > 0")
 
 
 @dataclass
@@ -73,6 +76,9 @@ class ModelConfig:
     audio_arch: str | None = None
     num_audio_tokens: int = 8
     """Audio tokens per clip after masked temporal pooling of the encoder output."""
+    audio_position: Literal["after_image", "before_answer"] = "after_image"
+    """Where the audio tokens enter the LM input: after the image's tokens, or after the prompt (just before
+    the answer, where a frozen decoder reads most directly)."""
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

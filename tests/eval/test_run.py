@@ -187,8 +187,8 @@ def test_training_checkpoint_with_unfrozen_base_uses_original_weights(corpus, tm
     model = build_safe_model(cfg.model, unfreeze=["language_projection"])
     with torch.no_grad():
         proj = model.base.model.language_projection
-        proj.weight.add_(torch.randn_like(proj.weight))
-        proj.bias.add_(torch.randn_like(proj.bias))
+        proj.weight.add_(5 * torch.randn_like(proj.weight))
+        proj.bias.add_(5 * torch.randn_like(proj.bias))
     step = tmp_path / "run" / "checkpoints" / "step-0000003"
     step.mkdir(parents=True)
     save_file(model.adapter_state_dict(), str(step / "model.safetensors"))

@@ -84,10 +84,11 @@ def test_closed_gates_leave_outputs_unchanged(tiny_models, rng, family):
     assert (c - b).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("position", ["after_image", "before_answer"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_teacher_is_the_model_without_audio(tiny_models, rng, family):
+def test_teacher_is_the_model_without_audio(tiny_models, rng, family, position):
     """The teacher's logits for an audio sample equal the same sample encoded without audio."""
-    model = _safe(tiny_models, family)
+    model = _safe(tiny_models, family, audio_position=position)
     proc = SAFEProcessor.from_model(model)
     img = random_image(rng)
     wave = random_wave(rng, proc.sampling_rate, 1.0)
@@ -102,3 +103,26 @@ def test_teacher_is_the_model_without_audio(tiny_models, rng, family):
     ref_sel = ref.token_labels[0] != -100
     assert torch.equal(teacher.token_labels[0][sel], ref.token_labels[0][ref_sel])
     assert (teacher.token_logits[0][sel] - ref.token_logits[0][ref_sel]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_audio_position_places_the_placeholders(tiny_models, family):
+    """``before_answer``: the audio placeholders follow the prompt, the answer follows them (labels only on it)."""
+    model = _safe(tiny_models, family, audio_position="before_answer")
+    proc = SAFEProcessor.from_model(model)
+    assert proc.audio_position == "before_answer"
+    k = model.num_audio_tokens
+    late = proc.encode("is the violin playing", "yes", has_image=True, has_audio=True)
+    proc.audio_position = "after_image"
+    early = proc.encode("is the violin playing", "yes", has_image=True, has_audio=True)
+    ids = late.input_ids
+    audio = [i for i, t in enumerate(ids) if t == model.audio_token_id]
+    assert len(audio) == k and audio == list(range(audio[0], audio[0] + k))
+    assert sorted(ids) == sorted(early.input_ids) and ids != early.input_ids  # same tokens, other order
+    image = [i for i, t in enumerate(ids) if t == model.base.image_token_id]
+    assert max(image) < audio[0]
+    if model.base.is_encoder_decoder:
+        assert audio[-1] == len(ids) - 2 and ids[-1] == proc.tokenizer.eos_token_id  # then the encoder's eos
+    else:
+        answer = [i for i, lab in enumerate(late.labels) if lab != -100]
+        assert answer[0] == audio[-1] + 1  # the answer right after the audio tokens

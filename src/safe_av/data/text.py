@@ -49,6 +49,9 @@ class SAFEProcessor:
     audio_feature_extractor: object = None
     audio_kind: str = "clap"
     max_length: int = 512
+    audio_position: str = "after_image"
+    """Where the ``<audio>`` placeholders go: right after the image's (``after_image``) or after the prompt,
+    just before the answer (``before_answer``; the encoder input's end for encoder-decoders)."""
     stats: dict = field(default_factory=lambda: {"truncated": 0})
 
     @classmethod
@@ -59,7 +62,8 @@ class SAFEProcessor:
                    audio_token_id=model.audio_token_id, num_audio_tokens=model.num_audio_tokens,
                    family=base.family, is_encoder_decoder=base.is_encoder_decoder,
                    audio_feature_extractor=model.audio_encoder.feature_extractor,
-                   audio_kind=model.audio_encoder.kind, max_length=max_length)
+                   audio_kind=model.audio_encoder.kind, max_length=max_length,
+                   audio_position=getattr(model, "audio_position", "after_image"))
 
     @property
     def sampling_rate(self) -> int:
@@ -84,7 +88,10 @@ class SAFEProcessor:
         """Token ids and labels for one sample (``answer=None`` at inference)."""
         tok = self.tokenizer
         media = [self.image_token_id] * (self.num_image_tokens if has_image else 0)
-        media += [self.audio_token_id] * (self.num_audio_tokens if has_audio else 0)
+        audio = [self.audio_token_id] * (self.num_audio_tokens if has_audio else 0)
+        late = self.audio_position == "before_answer"
+        if not late:
+            media += audio
         prompt = self._ids(self.prompt(question))
         answer_ids = (self._ids(" " + answer.strip()) + [tok.eos_token_id]) if answer is not None else []
         if self.is_encoder_decoder:
@@ -100,6 +107,8 @@ class SAFEProcessor:
         if truncated:
             self.stats["truncated"] += 1
             prompt = prompt[:room]
+        if late:
+            prompt = prompt + audio
         ids = head + prompt + tail
         if self.is_encoder_decoder:
             return Encoded(ids, answer_ids, truncated)

@@ -42,7 +42,8 @@ def build_safe_model(cfg: ModelConfig, *, base: BaseVL | None = None, audio_enco
     return SAFEModel(
         base, audio_encoder, num_audio_tokens=cfg.num_audio_tokens, projector_hidden=cfg.projector.hidden_dim,
         projector_dropout=cfg.projector.dropout, fusion=cfg.fusion.enabled, fusion_heads=cfg.fusion.num_heads,
-        fusion_ffn_mult=cfg.fusion.ffn_mult, fusion_dropout=cfg.fusion.dropout,
+        fusion_ffn_mult=cfg.fusion.ffn_mult, fusion_dropout=cfg.fusion.dropout, fusion_gate_scale=cfg.fusion.gate_scale,
+        audio_position=cfg.audio_position,
         fusion_text=cfg.fusion.attend_text,
         projector_trainable=projector_trainable, fusion_trainable=fusion_trainable and cfg.fusion.enabled,
         unfreeze=unfreeze, lora=lora_config(cfg),

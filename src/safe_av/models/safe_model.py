@@ -70,6 +70,7 @@ class SAFEModel(nn.Module):
     def __init__(self, base: BaseVL, audio_encoder: AudioEncoder, *, num_audio_tokens: int = 8,
                  projector_hidden: int = 4096, projector_dropout: float = 0.1, fusion: bool = True,
                  fusion_heads: int = 8, fusion_ffn_mult: int = 4, fusion_dropout: float = 0.1,
+                 fusion_gate_scale: float = 1.0, audio_position: str = "after_image",
                  fusion_text: bool = True, projector_trainable: bool = True, fusion_trainable: bool = True,
                  unfreeze: list[str] | tuple[str, ...] = (), lora=None):
         super().__init__()
@@ -83,7 +84,7 @@ class SAFEModel(nn.Module):
         self.projector = AudioProjector(audio_encoder.output_dim, base.hidden_size, hidden_dim=projector_hidden,
                                         dropout=projector_dropout, output_scale=emb_rms)
         self.fusion = (FusionLayer(base.hidden_size, num_heads=fusion_heads, ffn_mult=fusion_ffn_mult,
-                                   dropout=fusion_dropout) if fusion else None)
+                                   dropout=fusion_dropout, gate_scale=fusion_gate_scale) if fusion else None)
         self.fusion_text = fusion_text
         self.lora_config = lora
         if lora is not None:
@@ -92,7 +93,11 @@ class SAFEModel(nn.Module):
             inject_adapter_in_model(lora, self.base.language_model_module())
         self._arch = dict(num_audio_tokens=num_audio_tokens, projector_hidden=projector_hidden,
                           projector_dropout=projector_dropout, fusion=fusion, fusion_heads=fusion_heads,
-                          fusion_ffn_mult=fusion_ffn_mult, fusion_dropout=fusion_dropout, fusion_text=fusion_text)
+                          fusion_ffn_mult=fusion_ffn_mult, fusion_dropout=fusion_dropout, fusion_text=fusion_text,
+                          fusion_gate_scale=fusion_gate_scale, audio_position=audio_position)
+        if audio_position not in ("after_image", "before_answer"):
+            raise ValueError(f"audio_position={audio_position!r}: use 'after_image' or 'before_answer'")
+        self.audio_position = audio_position
         self.anchors: dict[str, torch.Tensor] = {}
         self.set_trainable(projector=projector_trainable, fusion=fusion_trainable, unfreeze=unfreeze,
                            lora=lora is not None)
@@ -430,7 +435,8 @@ class SAFEModel(nn.Module):
             lora_cfg = {k: v for k, v in cfg["lora"].items() if k in LoraConfig.__dataclass_fields__}
             lora = LoraConfig(**lora_cfg)
         arch = {k: cfg[k] for k in ("num_audio_tokens", "projector_hidden", "projector_dropout", "fusion",
-                                    "fusion_heads", "fusion_ffn_mult", "fusion_dropout", "fusion_text") if k in cfg}
+                                    "fusion_heads", "fusion_ffn_mult", "fusion_dropout", "fusion_text",
+                                    "fusion_gate_scale", "audio_position") if k in cfg}
         model = cls(base, audio_encoder, **arch, unfreeze=cfg.get("unfreeze", []), lora=lora)
         state = load_file(str(w_file))
         params = dict(model.named_parameters()) | dict(model.named_buffers())
