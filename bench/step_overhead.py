@@ -190,6 +190,16 @@ def main() -> int:
     top_ops_b = prof_b.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40)
     n_ops = sum(e.count for e in prof.key_averages()) / 5
     n_ops_b = sum(e.count for e in prof_b.key_averages()) / 5
+    counts_b = {e.key: e.count for e in prof_b.key_averages()}
+    op_diff = sorted(((e.count - counts_b.get(e.key, 0)) / 5, e.key) for e in prof.key_averages())[::-1][:8]
+
+    # the FLOP floor: what the SAFE parts add in arithmetic alone (safe_av.flops, same batch and sequence)
+    from safe_av.flops import training_flops_per_step
+
+    n_text = int(ids.shape[1]) - int((ids[0] == safe.base.image_token_id).sum()) - int(audio_pos[0].sum())
+    fl = training_flops_per_step(cfg, phase=phase_index, text_tokens=n_text)
+    fl_safe = sum(r.flops for r in fl.rows if r.name.startswith("SAFE"))
+    floor = fl.total / (fl.total - fl_safe)
 
     # ---- report
     bs = ids.shape[0]
@@ -209,6 +219,11 @@ def main() -> int:
             C.md_table(["step", "median wall", "ratio", "best wall", "ratio", "median CPU time", "ratio"], rows), "",
             f"Target SAFE step / bare step <= {TARGET}: {C.verdict(ratio <= TARGET)} (median wall {ratio:.2f}; "
             f"median process CPU time {cratio:.2f}, which other jobs on the machine disturb less).", "",
+            f"FLOP floor of this comparison (`safe_av.flops`): SAFE {fl.total / 1e9:.2f} GFLOP per step vs bare "
+            f"{(fl.total - fl_safe) / 1e9:.2f} (projector + fusion, with the fusion's K/V over visual + prompt "
+            f"tokens): ratio **{floor:.2f}** before any overhead. The rest is per-operator cost at a step this "
+            f"small: SAFE dispatches {n_ops - n_ops_b:.0f} more operators per step (most: "
+            + ", ".join(f"{k.replace('aten::', '')} +{d:.0f}" for d, k in op_diff) + ").", "",
             f"Where the SAFE step's time goes (mean over {n_prof} steps, wall time of wrapped calls; nested rows "
             "are indented and included in their parent):", "",
             C.md_table(["region", "per step", "share"],
