@@ -14,4 +14,6 @@ for b in step_overhead feature_cache distillation data_loading memory_prediction
 done
 echo "== smoke test of the GPU check on CPU (tiny models; not written to RESULTS.md)"
 "$PY" bench/gpu_check.py --tiny --steps 2 --warmup 1 --no-write > /dev/null
+echo "== safe info's predicted peaks for the real-size GPU check (CPU, no weights)"
+"$PY" bench/gpu_check.py --predict-only
 echo "done: bench/RESULTS.md"
