@@ -82,3 +82,27 @@ def test_synth_clips_match_the_encoder_inputs_of_corpus_files():
     assert clips["audio"].shape[0] == 3 and clips["loudness"].shape == (3, 4)
     assert torch.all((clips["audio_valid_frac"] > 0) & (clips["audio_valid_frac"] <= 1))
     assert torch.all((clips["loudness"] > 0).sum(1) >= 1)  # every scene has a sounding instrument
+
+
+def test_concurrent_runs_build_a_cached_encoder_once(tmp_path, monkeypatch):
+    """Two runs asking for the same pretrained encoder at once: one builds it, the other waits and reuses it."""
+    import threading
+    import time
+
+    cfg = _cfg(tmp_path)
+    calls = []
+    real = pa._build_tiny_audio
+
+    def slow_build(*a, **k):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # the other run arrives while this one builds
+        return real(*a, **k)
+
+    monkeypatch.setattr(pa, "_build_tiny_audio", slow_build)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(pa.pretrain_tiny_audio(cfg))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(out) == 2 and out[0] == out[1] and (out[0] / "DONE").is_file()

@@ -24,6 +24,7 @@ from safe_av.data.records import Sample
 from safe_av.data.text import SAFEProcessor, move_batch
 from safe_av.models.base_vl import BaseVL
 from safe_av.models.presets import build_tiny_base
+from safe_av.training.cache_lock import folder_lock
 from safe_av.training.data import BatchStream, SAFEDataset
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,20 @@ def pretrain_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Sa
         train: image-only training samples (audio is ignored).
         vocabulary: samples whose text the tokenizer must cover.
     """
-    pre = cfg.train.pretrain
     folder = pretrained_base_folder(cfg, train, vocabulary)
     if (folder / "DONE").is_file():
         log.info("pretrained tiny base: reusing %s", folder)
         return folder
+    with folder_lock(folder):  # another run may be building the same base: wait for it
+        if (folder / "DONE").is_file():
+            log.info("pretrained tiny base: built by another run meanwhile, reusing %s", folder)
+            return folder
+        return _build_tiny_base(cfg, train, vocabulary, folder, device)
+
+
+def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Sample], folder: Path,
+                     device: torch.device | str) -> Path:
+    pre = cfg.train.pretrain
     torch.manual_seed(cfg.model.tiny_seed)
     model, processor = build_tiny_base(cfg.model.base, corpus_texts(vocabulary), seed=cfg.model.tiny_seed)
     base = BaseVL(model, processor)

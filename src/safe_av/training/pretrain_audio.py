@@ -35,6 +35,7 @@ from safe_av.data.audio import peak_normalise, resample
 from safe_av.data.synth_scenes import INSTRUMENTS, Scene, make_scene, render_audio
 from safe_av.models.audio_encoders import AudioEncoder
 from safe_av.models.presets import TINY_AUDIO, build_tiny_audio
+from safe_av.training.cache_lock import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,19 @@ class ProbeHeads(nn.Module):
 
 def pretrain_tiny_audio(cfg: SAFEConfig, *, device: torch.device | str = "cpu") -> Path:
     """Train (or reuse) the tiny audio encoder on its own synthetic scenes; return its folder."""
-    pre = cfg.train.pretrain.audio
     folder = pretrained_audio_folder(cfg)
     if (folder / "DONE").is_file():
         log.info("pretrained tiny audio encoder: reusing %s", folder)
         return folder
+    with folder_lock(folder):  # another run may be building the same encoder: wait for it
+        if (folder / "DONE").is_file():
+            log.info("pretrained tiny audio encoder: built by another run meanwhile, reusing %s", folder)
+            return folder
+        return _build_tiny_audio(cfg, folder, device)
+
+
+def _build_tiny_audio(cfg: SAFEConfig, folder: Path, device: torch.device | str) -> Path:
+    pre = cfg.train.pretrain.audio
     t0 = time.time()
     torch.manual_seed(pre.seed)
     model, fe = build_tiny_audio(cfg.model.audio_encoder, seed=cfg.model.tiny_seed + 1)
