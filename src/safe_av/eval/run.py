@@ -238,6 +238,8 @@ class LoadedCheckpoint:
     files: CheckpointFiles
     base_path: str | None
     """The base folder used (None: ``cfg.model.base`` by name)."""
+    audio_encoder_path: str | None = None
+    """The audio encoder folder used (None: ``cfg.model.audio_encoder`` by name)."""
 
 
 def _base_unfreeze(cfg: SAFEConfig) -> list[str]:
@@ -272,8 +274,8 @@ def load_checkpoint(checkpoint: str | Path, cfg: SAFEConfig | None = None, *, de
     run_cfg = model_config(files, cfg)
     base_path = resolve_base(run_cfg, files, allow_pretrain=allow_pretrain)
     base = build_base(run_cfg.model, base=base_path)
-    encoder = build_audio_encoder(run_cfg.model, path=resolve_audio_encoder(run_cfg, files,
-                                                                             allow_pretrain=allow_pretrain))
+    audio_path = resolve_audio_encoder(run_cfg, files, allow_pretrain=allow_pretrain)
+    encoder = build_audio_encoder(run_cfg.model, path=audio_path)
     if files.kind == "checkpoint":
         # anchors (original weights) for every base module any phase unfroze, taken before loading
         model = build_safe_model(run_cfg.model, base=base, audio_encoder=encoder, unfreeze=_base_unfreeze(run_cfg))
@@ -287,7 +289,7 @@ def load_checkpoint(checkpoint: str | Path, cfg: SAFEConfig | None = None, *, de
     model.anchors = {k: v.to(device) for k, v in model.anchors.items()}  # a plain dict: .to() does not move it
     processor = SAFEProcessor.from_model(model, max_length=run_cfg.data.max_text_length)
     log.info("loaded %s (%s) around base %s", files.weights, files.kind, base_path or run_cfg.model.base)
-    return LoadedCheckpoint(model, processor, run_cfg, files, base_path)
+    return LoadedCheckpoint(model, processor, run_cfg, files, base_path, audio_path)
 
 
 # ================================================================== the original model, as a view
@@ -463,7 +465,7 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
         "checkpoint": str(checkpoint), "checkpoint_kind": loaded.files.kind, "weights": str(loaded.files.weights),
         "run_config": str(loaded.files.config) if loaded.files.config else None,
         "base": loaded.cfg.model.base, "base_path": loaded.base_path, "audio_encoder": loaded.cfg.model.audio_encoder,
-        "split": split, "data_root": cfg.data.root, "missing_datasets": missing,
+        "audio_encoder_path": loaded.audio_encoder_path, "split": split, "data_root": cfg.data.root, "missing_datasets": missing,
         "n_samples": {"vqa": len(vqa), "avqa": len(avqa), "caption": len(caps)},
     }
     evaluated = {}
