@@ -159,13 +159,9 @@ def resolve_base(cfg: SAFEConfig, files: CheckpointFiles, *, allow_pretrain: boo
     Order: ``base_path`` recorded in ``adapter_config.json``; for a tiny base with ``train.pretrain``, the
     pretrained base of the cache (re-pretrained, deterministically, only with ``allow_pretrain``).
     """
-    recorded = files.adapter_config.get("base_path")
+    recorded = _recorded_folder(files, "base_path")
     if recorded:
-        found = _existing_dir(str(recorded), [files.weights, files.weights.parent])
-        if found is not None:
-            return str(found)
-        log.warning("adapter_config.json records base_path=%r, which does not exist here: looking for the base "
-                    "as training does", recorded)
+        return recorded
     from safe_av.models.presets import TINY_BASES
 
     if not (cfg.model.base in TINY_BASES and cfg.train.pretrain.enabled):
@@ -182,17 +178,8 @@ def resolve_base(cfg: SAFEConfig, files: CheckpointFiles, *, allow_pretrain: boo
         raise FileNotFoundError(f"the run pretrained its tiny base ({cfg.model.base}) on {cfg.data.root}, which "
                                 f"cannot be read here ({err}); without base_path in adapter_config.json the base "
                                 "cannot be found") from err
-    folder = pretrained_base_folder(cfg, vl_train, vocab)
-    if (folder / "DONE").is_file():
-        return str(folder)
-    if not allow_pretrain:
-        raise FileNotFoundError(f"the run's pretrained tiny base {folder} is not in the cache (train.pretrain."
-                                f"cache_dir={cfg.train.pretrain.cache_dir}, relative to the working directory); "
-                                "run `safe eval` once to re-create it, or pass the run's working directory")
-    log.warning("the run's pretrained tiny base %s is missing: pretraining it again (deterministic from the seed "
-                "and data; identical to the run's when pretrained on the same kind of device)", folder)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return str(pretrain_tiny_base(cfg, vl_train, vocab, device=device))
+    return _cached_or_pretrained(cfg, pretrained_base_folder(cfg, vl_train, vocab), "tiny base", allow_pretrain,
+                                 lambda device: pretrain_tiny_base(cfg, vl_train, vocab, device=device))
 
 
 def resolve_audio_encoder(cfg: SAFEConfig, files: CheckpointFiles, *, allow_pretrain: bool = False) -> str | None:
@@ -202,27 +189,42 @@ def resolve_audio_encoder(cfg: SAFEConfig, files: CheckpointFiles, *, allow_pret
     ``train.pretrain.audio``, the cache's pretrained encoder (re-pretrained, deterministically, only with
     ``allow_pretrain``).
     """
-    recorded = files.adapter_config.get("audio_encoder_path")
+    recorded = _recorded_folder(files, "audio_encoder_path")
     if recorded:
-        found = _existing_dir(str(recorded), [files.weights, files.weights.parent])
-        if found is not None:
-            return str(found)
-        log.warning("adapter_config.json records audio_encoder_path=%r, which does not exist here: looking for "
-                    "the encoder as training does", recorded)
+        return recorded
     from safe_av.training.pretrain_audio import pretrain_tiny_audio, pretrained_audio_folder, wants_audio_pretraining
 
     if not wants_audio_pretraining(cfg):
         return None
-    folder = pretrained_audio_folder(cfg)
-    if (folder / "DONE").is_file():
+    return _cached_or_pretrained(cfg, pretrained_audio_folder(cfg), "tiny audio encoder", allow_pretrain,
+                                 lambda device: pretrain_tiny_audio(cfg, device=device))
+
+
+def _recorded_folder(files: CheckpointFiles, key: str) -> str | None:
+    """The folder ``adapter_config.json`` records under ``key``, if it exists here."""
+    recorded = files.adapter_config.get(key)
+    if not recorded:
+        return None
+    found = _existing_dir(str(recorded), [files.weights, files.weights.parent])
+    if found is None:
+        log.warning("adapter_config.json records %s=%r, which does not exist here: looking for it as training "
+                    "does", key, recorded)
+    return None if found is None else str(found)
+
+
+def _cached_or_pretrained(cfg: SAFEConfig, folder: Path, what: str, allow_pretrain: bool, pretrain) -> str:
+    """A pretrained tiny model's cache folder; re-made (deterministic from seed and data) only when allowed."""
+    from safe_av.training.build_once import is_built
+
+    if is_built(folder):
         return str(folder)
     if not allow_pretrain:
-        raise FileNotFoundError(f"the run's pretrained tiny audio encoder {folder} is not in the cache (train."
-                                f"pretrain.cache_dir={cfg.train.pretrain.cache_dir}, relative to the working "
-                                "directory); run `safe eval` once to re-create it, or pass the run's working directory")
-    log.warning("the run's pretrained tiny audio encoder %s is missing: pretraining it again", folder)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return str(pretrain_tiny_audio(cfg, device=device))
+        raise FileNotFoundError(f"the run's pretrained {what} {folder} is not in the cache (train.pretrain."
+                                f"cache_dir={cfg.train.pretrain.cache_dir}, relative to the working directory); "
+                                "run `safe eval` once to re-create it, or pass the run's working directory")
+    log.warning("the run's pretrained %s %s is missing: pretraining it again (deterministic from the seed and data; "
+                "identical to the run's when pretrained on the same kind of device)", what, folder)
+    return str(pretrain("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # ================================================================== loading

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -24,8 +23,9 @@ from safe_av.data.records import Sample
 from safe_av.data.text import SAFEProcessor, move_batch
 from safe_av.models.base_vl import BaseVL
 from safe_av.models.presets import build_tiny_base
-from safe_av.training.cache_lock import folder_lock
+from safe_av.training.build_once import build_once
 from safe_av.training.data import BatchStream, SAFEDataset
+from safe_av.training.schedule import warmup_linear_decay
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +57,12 @@ def pretrain_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Sa
         train: image-only training samples (audio is ignored).
         vocabulary: samples whose text the tokenizer must cover.
     """
-    folder = pretrained_base_folder(cfg, train, vocabulary)
-    if (folder / "DONE").is_file():
-        log.info("pretrained tiny base: reusing %s", folder)
-        return folder
-    with folder_lock(folder):  # another run may be building the same base: wait for it
-        if (folder / "DONE").is_file():
-            log.info("pretrained tiny base: built by another run meanwhile, reusing %s", folder)
-            return folder
-        return _build_tiny_base(cfg, train, vocabulary, folder, device)
+    return build_once(pretrained_base_folder(cfg, train, vocabulary), "pretrained tiny base",
+                      lambda out: _build_tiny_base(cfg, train, vocabulary, out, device))
 
 
-def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Sample], folder: Path,
-                     device: torch.device | str) -> Path:
+def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Sample], out: Path,
+                     device: torch.device | str) -> None:
     pre = cfg.train.pretrain
     torch.manual_seed(cfg.model.tiny_seed)
     model, processor = build_tiny_base(cfg.model.base, corpus_texts(vocabulary), seed=cfg.model.tiny_seed)
@@ -87,9 +80,7 @@ def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Samp
     stream.configure(0.0, None)
     steps = max(1, int(pre.epochs * stream.batches_per_epoch()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=pre.lr, weight_decay=0.01)
-    warm = max(1, steps // 10)  # linear warm-up, then linear decay to 0
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    schedule = warmup_linear_decay(optimizer, steps)
     t0 = time.time()
     for step in range(steps):
         batch = move_batch(stream.next(), device)
@@ -101,17 +92,11 @@ def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Samp
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
             log.info("pretrain base step %d/%d loss %.4f (%.0fs)", step + 1, steps, loss.item(), time.time() - t0)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     model.eval().requires_grad_(False)
-    model.to("cpu").save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "pretrain.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss.detach()), "seconds":
+    model.to("cpu").save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "pretrain.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss.detach()), "seconds":
                                                    round(time.time() - t0, 1), "samples": len(train)}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    (folder / "DONE").write_text("")
-    return folder
 
 
 def _vl_loss(base: BaseVL, batch: dict) -> torch.Tensor:

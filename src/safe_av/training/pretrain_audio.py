@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -35,7 +34,8 @@ from safe_av.data.audio import peak_normalise, resample
 from safe_av.data.synth_scenes import INSTRUMENTS, Scene, make_scene, render_audio
 from safe_av.models.audio_encoders import AudioEncoder
 from safe_av.models.presets import TINY_AUDIO, build_tiny_audio
-from safe_av.training.cache_lock import folder_lock
+from safe_av.training.build_once import build_once
+from safe_av.training.schedule import warmup_linear_decay
 
 log = logging.getLogger(__name__)
 
@@ -130,18 +130,11 @@ class ProbeHeads(nn.Module):
 
 def pretrain_tiny_audio(cfg: SAFEConfig, *, device: torch.device | str = "cpu") -> Path:
     """Train (or reuse) the tiny audio encoder on its own synthetic scenes; return its folder."""
-    folder = pretrained_audio_folder(cfg)
-    if (folder / "DONE").is_file():
-        log.info("pretrained tiny audio encoder: reusing %s", folder)
-        return folder
-    with folder_lock(folder):  # another run may be building the same encoder: wait for it
-        if (folder / "DONE").is_file():
-            log.info("pretrained tiny audio encoder: built by another run meanwhile, reusing %s", folder)
-            return folder
-        return _build_tiny_audio(cfg, folder, device)
+    return build_once(pretrained_audio_folder(cfg), "pretrained tiny audio encoder",
+                      lambda out: _build_tiny_audio(cfg, out, device))
 
 
-def _build_tiny_audio(cfg: SAFEConfig, folder: Path, device: torch.device | str) -> Path:
+def _build_tiny_audio(cfg: SAFEConfig, out: Path, device: torch.device | str) -> None:
     pre = cfg.train.pretrain.audio
     t0 = time.time()
     torch.manual_seed(pre.seed)
@@ -160,9 +153,7 @@ def _build_tiny_audio(cfg: SAFEConfig, folder: Path, device: torch.device | str)
     optimizer = torch.optim.AdamW(params, lr=pre.lr, weight_decay=0.01)
     per_epoch = pre.clips // pre.batch_size
     steps = pre.epochs * per_epoch
-    warm = max(1, steps // 10)  # linear warm-up, then linear decay to 0
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    schedule = warmup_linear_decay(optimizer, steps)
     gen = torch.Generator().manual_seed(pre.seed)
 
     def run(batch: dict) -> tuple[torch.Tensor, dict]:
@@ -189,15 +180,9 @@ def _build_tiny_audio(cfg: SAFEConfig, folder: Path, device: torch.device | str)
         held_loss, held_acc = run(held_out)
     log.info("pretrain audio: held-out accuracy %s", {k: round(v, 3) for k, v in held_acc.items()})
     model.requires_grad_(False)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to("cpu").save_pretrained(tmp)
-    fe.save_pretrained(tmp)
-    (tmp / "pretrain.json").write_text(json.dumps({
+    model.to("cpu").save_pretrained(out)
+    fe.save_pretrained(out)
+    (out / "pretrain.json").write_text(json.dumps({
         "steps": steps, "final_loss": float(loss.detach()), "held_out_loss": float(held_loss),
         "held_out": {k: round(v, 4) for k, v in held_acc.items()}, "clips": pre.clips,
         "held_out_clips": len(held_out["audio"]), "seconds": round(time.time() - t0, 1)}, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    (folder / "DONE").write_text("")
-    return folder

@@ -190,3 +190,10 @@ __all__ = [
     "build_scheduler",
     "current_lrs",
 ]
+
+
+def warmup_linear_decay(optimizer: Optimizer, steps: int, *, warmup_fraction: float = 0.1) -> LambdaLR:
+    """Linear warm-up over ``warmup_fraction`` of ``steps``, then linear decay to 0 (the tiny models'
+    pretraining; SAFE's own phases use :func:`build_scheduler`)."""
+    warm = max(1, int(steps * warmup_fraction))
+    return LambdaLR(optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
