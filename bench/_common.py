@@ -248,6 +248,15 @@ def write_section(name: str, title: str, body: str) -> None:
     RESULTS.write_text(head + "\n" + "\n".join(blocks[k] for k in names))
 
 
+def report(name: str, title: str, body: list[str], *, write: bool) -> str:
+    """Print a benchmark's section (lines joined) and, with ``write``, put it into bench/RESULTS.md."""
+    text = "\n".join(body)
+    print(text)
+    if write:
+        write_section(name, title, text)
+    return text
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

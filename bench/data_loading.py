@@ -104,10 +104,7 @@ def main() -> int:
             "Reading: loader / step > 1 means the loader alone outpaces the step; with num_workers 0 loading and "
             "stepping alternate, so end to end is near the serial bound. With workers, loading overlaps the step, "
             "but on this 2-core machine the workers and the step's threads share the same cores."]
-    text = "\n".join(body)
-    print(text)
-    if not args.no_write:
-        C.write_section("data_loading", "4. Data loading vs step consumption", text)
+    C.report("data_loading", "4. Data loading vs step consumption", body, write=not args.no_write)
     return 0
 
 

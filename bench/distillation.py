@@ -155,10 +155,7 @@ def main() -> int:
             "Caveat: the demo base weighs ~3 MiB, so at this size a weight copy hardly shows in RSS (runtime and "
             "allocator noise dominate); the tensor-byte columns are the exact account. At real sizes weights "
             "dominate the peak; bench/gpu_check.py measures distillation on vs off there."]
-    text = "\n".join(body)
-    print(text)
-    if not args.no_write:
-        C.write_section("distillation", "3. Distillation: time and peak memory", text)
+    C.report("distillation", "3. Distillation: time and peak memory", body, write=not args.no_write)
     return 0
 
 

@@ -82,10 +82,7 @@ def main() -> int:
             "",
             f"One-off cache build: {stats['new']} clips (train + eval) encoded in {build_s:.2f} s; it pays for "
             f"itself after {breakeven:.1f} epochs of this phase."]
-    text = "\n".join(body)
-    print(text)
-    if not args.no_write:
-        C.write_section("feature_cache", "2. Feature cache: phase-1 epoch with vs without", text)
+    C.report("feature_cache", "2. Feature cache: phase-1 epoch with vs without", body, write=not args.no_write)
     return 0
 
 

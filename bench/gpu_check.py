@@ -315,15 +315,13 @@ def main() -> int:
                         for r in results if "error" not in r) + ".", "",
             "FLOPs per step are `safe_av.flops.training_flops_per_step` (the distillation teacher's extra LM "
             "forward is not counted, so MFU is a slight under-estimate)."]
-    text = "\n".join(body)
-    print(text)
+    text = C.report("gpu_check", "6. GPU check (real-size architectures, random weights)", body,
+                    write=not args.no_write and not args.tiny)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_check.json").write_text(json.dumps(results, indent=1))
         (out / "gpu_check.md").write_text(text + "\n")
-    if not args.no_write and not args.tiny:
-        C.write_section("gpu_check", "6. GPU check (real-size architectures, random weights)", text)
     return 0
 
 

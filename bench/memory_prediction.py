@@ -111,10 +111,7 @@ def main() -> int:
              f"LM vocabulary differs: `safe info` builds the tiny base without the corpus texts (vocab "
              f"{parts.lm.vocab}) while the trained model's tokenizer covers the corpus (vocab {sorted(vocabs)}), so "
              "the predicted logits memory (batch x sequence x vocab x 12 B) is off for the tiny presets.")]
-    text = "\n".join(body)
-    print(text)
-    if not args.no_write:
-        C.write_section("memory_prediction", "5. Memory prediction (`safe info`) vs measured", text)
+    C.report("memory_prediction", "5. Memory prediction (`safe info`) vs measured", body, write=not args.no_write)
     return 0
 
 

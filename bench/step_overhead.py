@@ -59,6 +59,15 @@ class Regions:
         setattr(obj, attr, timed)
         self._undo.append((obj, attr, orig, had))
 
+    def run(self, fn, n: int) -> tuple[float, dict[str, float]]:
+        """Call ``fn`` ``n`` times; the mean wall time per call and per wrapped region. Unwraps after."""
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        total = (time.perf_counter() - t0) / n
+        self.restore()
+        return total, {k: v / n for k, v in self.t.items()}
+
     def restore(self) -> None:
         for obj, attr, orig, had in reversed(self._undo):
             if had:
@@ -158,12 +167,7 @@ def main() -> int:
     R.wrap(optim, "step", "AdamW step")
     R.wrap(sched, "step", "scheduler step")
     R.wrap(optim, "zero_grad", "zero_grad")
-    t0 = time.perf_counter()
-    for _ in range(n_prof):
-        safe_step()
-    total = (time.perf_counter() - t0) / n_prof
-    R.restore()
-    regions = {k: v / n_prof for k, v in R.t.items()}
+    total, regions = R.run(safe_step, n_prof)
     top = ["move_batch", "forward + losses (compute_loss)", "backward", "clip_grad_norm_", "AdamW step",
            "scheduler step", "zero_grad"]
     other = total - sum(regions.get(k, 0.0) for k in top)
@@ -171,12 +175,7 @@ def main() -> int:
     Rb = Regions()
     Rb.wrap(hf, "get_image_features", "vision path (ViT + Q-Former)")
     Rb.wrap(hf.language_model, "forward", "frozen LM forward")
-    t0 = time.perf_counter()
-    for _ in range(n_prof):
-        bare_step()
-    bare_total = (time.perf_counter() - t0) / n_prof
-    Rb.restore()
-    bare_regions = {k: v / n_prof for k, v in Rb.t.items()}
+    bare_total, bare_regions = Rb.run(bare_step, n_prof)
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -240,10 +239,7 @@ def main() -> int:
             "<details><summary>torch.profiler, SAFE step (5 steps)</summary>\n\n```\n" + top_ops + "```\n</details>",
             "",
             "<details><summary>torch.profiler, bare step (5 steps)</summary>\n\n```\n" + top_ops_b + "```\n</details>"]
-    text = "\n".join(body)
-    print(text)
-    if not args.no_write:
-        C.write_section("step_overhead", "1. Step overhead: SAFE step vs bare frozen model", text)
+    C.report("step_overhead", "1. Step overhead: SAFE step vs bare frozen model", body, write=not args.no_write)
     return 0
 
 
