@@ -99,6 +99,10 @@ def test_teacher_is_the_model_without_audio(tiny_models, rng, family, position):
     teacher = model.teacher_forward(with_audio)
     with torch.no_grad():
         ref = model(**without)
+        student = model(**with_audio)
+    # reusing the student's visual tokens (no second vision pass) gives the same teacher
+    reused = model.teacher_forward(with_audio, visual_tokens=student.visual_tokens)
+    assert model.vision_path_original() and torch.equal(reused.token_logits, teacher.token_logits)
     sel = teacher.token_labels[0] != -100
     ref_sel = ref.token_labels[0] != -100
     assert torch.equal(teacher.token_labels[0][sel], ref.token_labels[0][ref_sel])

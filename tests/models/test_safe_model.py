@@ -65,6 +65,11 @@ def test_unfreeze_base_module_and_teacher_uses_original_weights(tiny_models, rng
         after_student = model(**batch, use_audio=False).token_logits
         after_teacher = model.teacher_forward(batch).token_logits
         assert torch.equal(before, after_teacher)  # the teacher still sees the original weights
+        # the student's visual tokens now differ from the original ones: the teacher must not reuse them
+        assert not model.vision_path_original()
+        student_visual = model(**batch, use_audio=False).visual_tokens
+        offered = model.teacher_forward(batch, visual_tokens=student_visual).token_logits
+        assert torch.equal(offered, before)
         assert (after_student - before).abs().max() > 1e-3
     finally:  # restore the shared session model
         with torch.no_grad():

@@ -162,6 +162,7 @@ class SAFEModel(nn.Module):
         every earlier step at no change in output; call again after loading weights. Returns the state."""
         layers = self._lora_layers()
         if not layers:
+            self.lora_active = False
             return False
         lora = [(n, p) for n, p in self.base.language_model_module().named_parameters() if "lora_" in n]
         active = any(p.requires_grad for _, p in lora) or any(bool(p.any()) for n, p in lora if "lora_B" in n)
@@ -263,7 +264,7 @@ class SAFEModel(nn.Module):
                      audio_valid_frac: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
                      has_audio: torch.Tensor | None = None, *, use_audio: bool = True,
                      audio_permutation: torch.Tensor | None = None, need_attention: bool = False,
-                     **_unused) -> dict:
+                     visual_tokens: torch.Tensor | None = None, **_unused) -> dict:
         """Assemble the language model's input embeddings for a collated batch.
 
         Args:
@@ -279,6 +280,8 @@ class SAFEModel(nn.Module):
             use_audio: False drops the audio tokens (the teacher's and the "audio removed" view).
             audio_permutation: (N_audio,) reorders the clips across samples ("audio shuffled").
             need_attention: also return the fusion attention weights.
+            visual_tokens: (N_img, V, D) the vision path's output for ``images``, already computed (the teacher
+                reuses the student's); the vision path is not run again.
 
         Returns:
             dict with ``embeds`` (B, L', D), ``attention_mask``, ``labels``, ``visual`` (N_img, V, D) or None,
@@ -295,7 +298,8 @@ class SAFEModel(nn.Module):
         # step 2: visual tokens from the base model's own vision path
         visual = None
         if images is not None and bool(has_images.any()):
-            visual = self.base.image_features(images.to(embeds.dtype))  # (N_img, V, D)
+            visual = (visual_tokens if visual_tokens is not None
+                      else self.base.image_features(images.to(embeds.dtype)))  # (N_img, V, D)
             embeds = self._fill(embeds, input_ids == self.base.image_token_id, visual, "<image>")
         # step 3: audio tokens (projector, then fusion with the same sample's visual tokens)
         attention = None
@@ -356,14 +360,24 @@ class SAFEModel(nn.Module):
             for m in layers:
                 m.enable_adapters(self.lora_active)
 
+    def vision_path_original(self) -> bool:
+        """True when every base module that any phase unfroze lies inside the language model."""
+        lm = self._qualified(self.base.language_model_module()) + "."
+        return all(k.startswith(lm) for k in self.anchors)
+
     @torch.no_grad()
-    def teacher_forward(self, batch: dict) -> SAFEOutput:
+    def teacher_forward(self, batch: dict, *, visual_tokens: torch.Tensor | None = None) -> SAFEOutput:
         """The original VL model's outputs, from this same module (DESIGN invariant 4).
 
         Audio dropped, LoRA adapters disabled, unfrozen base modules called with their anchor
         (original) weights through ``torch.func.functional_call`` - no second copy of the model.
+        ``visual_tokens``: the student's vision-path output for ``batch["images"]``; used (instead of running
+        the frozen vision path again) when no module before the language model was ever unfrozen, so the
+        student's visual tokens are the original ones.
         """
         kwargs = dict(batch, use_audio=False)
+        if visual_tokens is not None and self.vision_path_original():
+            kwargs["visual_tokens"] = visual_tokens.detach()
         with self.adapters_disabled():
             if self.anchors:
                 return torch.func.functional_call(self, self.anchors, args=(), kwargs=kwargs, strict=False)

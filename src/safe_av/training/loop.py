@@ -249,7 +249,7 @@ class Trainer:
         """Rows whose answer must not depend on audio: image questions (and, when base parts train, VL-only rows)."""
         image_q = torch.tensor([_image_question_meta(m) for m in batch["meta"]], device=batch["input_ids"].device)
         has_audio = batch["has_audio"]
-        base_trains = bool(self.model.unfrozen) or self.model.lora_config is not None
+        base_trains = bool(self.model.unfrozen) or self.model.lora_active  # idle LoRA is exactly the identity
         rows = image_q & batch["has_images"]
         # with a frozen base, VL-only rows are the teacher exactly: skip them
         return rows if base_trains else rows & has_audio
@@ -260,7 +260,10 @@ class Trainer:
         rows = self._distill_rows(batch)
         if (w.beta > 0 or w.gamma > 0) and bool(rows.any()):
             # the teacher runs on the distilled rows only; rows keep their width, so positions still line up
-            teacher = self.model.teacher_forward(_select_rows(batch, rows))
+            visual = out.visual_tokens
+            if visual is not None:  # the student's visual tokens of the distilled rows (rows with an image)
+                visual = visual[rows[batch["has_images"]]]
+            teacher = self.model.teacher_forward(_select_rows(batch, rows), visual_tokens=visual)
             mask = out.token_labels[rows] != -100
             if w.gamma > 0:
                 parts["distill"] = distillation_loss(out.token_logits[rows], teacher.token_logits, mask,
