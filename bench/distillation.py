@@ -61,7 +61,7 @@ def build(data: Path, cache: Path, out: Path, mode: str):
         shell._modules["base"] = teacher_base
 
         @torch.no_grad()
-        def naive_teacher(b):
+        def naive_teacher(b, visual_tokens=None):  # a second model runs its own vision path: nothing to reuse
             return shell(**dict(b, use_audio=False))
 
         tr.model.teacher_forward = naive_teacher
