@@ -251,3 +251,102 @@ def test_teacher_pass_is_predicted_only_where_it_runs():
     for i in (1, 2):
         assert on[i].peak > off[i].peak and on[i].activations == off[i].activations
         assert on[i].transient > off[i].transient
+
+
+def _phase(train, datasets, *, batch=16, curriculum=False, audio_ratio=1.0, unfreeze=()):
+    from safe_av.config import PhaseConfig
+
+    lr = {p: 1e-4 for p in train}
+    return PhaseConfig("p", list(train), lr, list(unfreeze), dict(datasets), batch_size=batch, curriculum=curriculum,
+                       audio_ratio=audio_ratio)
+
+
+def _cfg_with(*phases, lora=True):
+    cfg = _tiny_cfg(lora=lora)
+    cfg.train.phases = list(phases)
+    return cfg
+
+
+def test_teacher_rows_follow_the_trainers_distilled_rows():
+    """Distilled rows = an image and an image-only question (VQA v2, MUSIC-AVQA Visual); while the base does not
+    train (no unfreeze, LoRA never trained) only those with audio; captions never."""
+    from safe_av.info import AVQA_IMAGE_QUESTION_SHARE as Q
+    from safe_av.info import phase_trainability, teacher_rows
+
+    def share(*phases, i=-1, **kw):
+        cfg = _cfg_with(*phases, **kw)
+        tr = phase_trainability(cfg, cfg.train.phases[i])
+        assert tr.teacher == (tr.teacher_rows > 0)
+        return tr.teacher_rows
+
+    frozen = ["projector", "fusion"]
+    # frozen base, VQA only: every row is the teacher exactly -> nothing distilled
+    assert share(_phase(frozen, {"vqav2": 1.0}, audio_ratio=0.25)) == 0
+    # LoRA trains: every VQA row is distilled
+    assert share(_phase(frozen + ["lora"], {"vqav2": 1.0})) == 1.0
+    # "lora" in train but the model has no LoRA (lora.enabled=false): the LM is still the teacher
+    assert share(_phase(frozen + ["lora"], {"vqav2": 1.0}), lora=False) == 0
+    # an unfrozen base module does the same as LoRA
+    assert share(_phase(frozen + ["base"], {"vqav2": 1.0}, unfreeze=["language_projection"]), lora=False) == 1.0
+    # captions (audio, no image): never distilled, whatever trains
+    assert share(_phase(frozen + ["lora"], {"audiocaps": 1.0, "clotho": 1.0})) == 0
+    assert share(_phase(frozen + ["lora"], {"avsd": 1.0})) == 0  # dialog turns are not image-only questions
+    # frozen base, MUSIC-AVQA only: its Visual questions, which carry audio
+    assert share(_phase(frozen, {"musicavqa": 1.0})) == pytest.approx(Q)
+    # frozen base, MUSIC-AVQA + VQA at audio_ratio 0.5: 8 audio rows (AVQA) x Q, the 8 VQA rows skipped
+    assert share(_phase(frozen, {"musicavqa": 1.0, "vqav2": 0.5}, audio_ratio=0.5)) == pytest.approx(0.5 * Q)
+    # LoRA trained by an earlier phase: VQA rows are distilled in a later frozen-base phase too
+    assert share(_phase(frozen + ["lora"], {"audiocaps": 1.0}), _phase(frozen, {"vqav2": 1.0})) == 1.0
+    # weights mix datasets within the audio-bearing rows: 3 of 4 audio rows AVQA, 1 caption
+    mixed = {"musicavqa": 0.6, "audiocaps": 0.2, "vqav2": 0.2}
+    assert share(_phase(frozen + ["lora"], mixed, audio_ratio=0.25)) == pytest.approx((4 * 0.75 * Q + 12) / 16)
+    # curriculum: the stage with the most distilled rows (audio ratio 1 for a frozen base: all AVQA rows)
+    assert share(_phase(frozen, mixed, curriculum=True)) == pytest.approx(0.75 * Q)
+    # no distillation or retention, or task-only fine-tuning: no teacher
+    cfg = _cfg_with(_phase(frozen + ["lora"], {"vqav2": 1.0}))
+    cfg.loss.task_only = True
+    assert phase_trainability(cfg, cfg.train.phases[0]).teacher_rows == 0
+    cfg.loss.task_only, cfg.loss.distillation, cfg.loss.retention = False, False, False
+    assert phase_trainability(cfg, cfg.train.phases[0]).teacher_rows == 0
+    # whole rows, rounded up; at least one when any row can be distilled
+    assert [teacher_rows(s, 16) for s in (0.0, 0.001, 0.24, 0.25, 1.0)] == [0, 1, 4, 4, 16]
+
+
+def test_teacher_transient_scales_with_distilled_rows():
+    """The teacher's transient is per distilled row: demo phase 2 (frozen base) distils ~a quarter of the rows
+    (4 of 16), phase 3 (LoRA) the VQA rows too (13 of 16); the table says how many."""
+    from safe_av.config import load_config
+    from safe_av.info import build_parts
+
+    cfg = load_config("configs/demo.yaml", ["train.pretrain.enabled=false"])
+    parts = build_parts(cfg)
+    s = [model_summary(cfg, phase=i, parts=parts) for i in range(3)]
+    assert [x.teacher_rows for x in s] == [0, 4, 13]
+    assert "4 of 16 rows" in format_table(s[1]) and "no distilled rows" in format_table(s[0])
+    lm, e = parts.lm, 4  # fp32 demo
+    per_row = ((lm.layers + 1) * lm.hidden + max(lm.ffn, 3 * lm.hidden) + lm.vocab) * (8 + 8 + 32) * e
+    logits_grad = lm.vocab * (8 + 8 + 32) * 4 * 16
+    for x in s[1:]:
+        assert x.memory.transient == pytest.approx(per_row * x.teacher_rows + logits_grad)
+
+
+def test_dataset_rows_match_the_synthetic_corpus(tmp_path):
+    """DATASET_ROWS (audio?, share of distilled-kind rows) against what the trainer sees in the corpus, and the
+    AV-QA constant against the synthetic question mix."""
+    import numpy as np
+
+    from safe_av.data.formats import read
+    from safe_av.data.synth_scenes import make_scene, scene_questions
+    from safe_av.data.synthetic import write_synthetic
+    from safe_av.info import AVQA_IMAGE_QUESTION_SHARE, DATASET_ROWS
+    from safe_av.training.loop import image_question
+
+    for name, root in write_synthetic(tmp_path, seed=0, small=True).items():
+        samples = read(name, root, "train").samples
+        audio, share = DATASET_ROWS[name]
+        assert {s.audio is not None for s in samples} == {audio}
+        got = np.mean([image_question(s) and s.image is not None for s in samples])
+        assert got == pytest.approx(share, abs=0.1), name
+    rng = np.random.default_rng(1)
+    kinds = [q[0] for _ in range(3000) for q in scene_questions(make_scene(rng), rng)]
+    assert np.mean([k == "Visual" for k in kinds]) == pytest.approx(AVQA_IMAGE_QUESTION_SHARE, abs=0.01)

@@ -373,6 +373,10 @@ class Summary:
     levers: list[Memory]
     settings: dict
     notes: list[str] = field(default_factory=list)
+    teacher_rows: int = 0
+    """Rows of a batch the distillation / retention teacher is predicted to run on (in the transient)."""
+    teacher_share: float = 0.0
+    """The expected share of distilled rows they come from (:func:`teacher_row_share`)."""
 
     @property
     def total_params(self) -> int:
@@ -405,21 +409,114 @@ class Trainability:
     lora: bool
     unfrozen: list[str]
     teacher: bool = False
-    """The phase runs the teacher (distillation / retention) on rows with an image."""
+    """The phase runs the teacher (distillation / retention) on some rows (``teacher_rows > 0``)."""
+    teacher_rows: float = 0.0
+    """Expected share of a batch's rows the teacher runs on (distilled rows), at the phase's curriculum stage
+    with the most; see :func:`teacher_row_share`. 0 when no row can be distilled."""
 
 
-IMAGE_DATASETS = ("vqav2", "musicavqa", "avsd")
-"""Datasets whose rows carry an image, so distillation / retention apply to some of them."""
+AVQA_IMAGE_QUESTION_SHARE = 0.24
+"""Share of MUSIC-AVQA questions answerable from the image alone (scenario ``Visual``: Visual/Counting and
+Visual/Location), the only AV-QA rows the trainer distils (``training.loop._image_question_meta``).
+
+Taken from our synthetic corpus, which is what the demo and the benches train on:
+``synth_scenes.scene_questions`` asks each of the 9 (scenario, type) pairs of MUSIC-AVQA once per video
+(a second question with probability 0.25 when the pair has several templates); 2 of the 9 are Visual, and
+both always have several templates, so they are 0.240 of all questions (counted over 20,000 scenes: 50,041
+of 208,157), not 2/9 = 0.222. The real dataset's per-scenario split could not be checked here (the paper and
+project page give it only in figures; not verified); it also has 2 Visual types of 9, so the same order is
+expected, not known. Change this constant for a corpus with another mix."""
+
+DATASET_ROWS: dict[str, tuple[bool, float]] = {
+    "vqav2": (False, 1.0),  # image, every question image-only, no audio
+    "musicavqa": (True, AVQA_IMAGE_QUESTION_SHARE),  # frames + audio; Visual-scenario questions only
+    "avsd": (True, 0.0),  # frames + audio, but dialog turns are never image-only questions
+    "audiocaps": (True, 0.0),  # captions: audio only, no image
+    "clotho": (True, 0.0),
+}
+"""Dataset -> (its rows carry audio, share of its rows with an image and an image-only question)."""
+
+
+def _dataset_rows(cfg: SAFEConfig, name: str) -> tuple[bool, float]:
+    if name in DATASET_ROWS:
+        return DATASET_ROWS[name]
+    if name == cfg.data.avqa_dataset:  # a renamed AV-QA corpus in MUSIC-AVQA's format
+        return True, AVQA_IMAGE_QUESTION_SHARE
+    if name == cfg.data.vqa_dataset:
+        return False, 1.0
+    return True, 0.0  # unknown: assume audio-bearing rows without image-only questions
+
+
+def _base_trains(cfg: SAFEConfig, phase: PhaseConfig) -> bool:
+    """What the trainer's ``_distill_rows`` calls ``base_trains``: the phase unfreezes base modules, or the LoRA
+    adapters train now or were trained by an earlier phase (they are then no longer the identity)."""
+    if "base" in phase.train and phase.unfreeze:
+        return True
+    if not cfg.model.lora.enabled:
+        return False
+    idx = next((i for i, p in enumerate(cfg.train.phases) if p is phase), 0)  # not among them: no earlier phase
+    return any("lora" in p.train for p in [*cfg.train.phases[:idx], phase])
+
+
+def teacher_row_share(cfg: SAFEConfig, phase: PhaseConfig) -> float:
+    """Expected share of a batch's rows that the teacher runs on in ``phase`` (0 when none can be).
+
+    The trainer distils rows that have an image and an image-only question (VQA v2; MUSIC-AVQA's Visual
+    questions, :data:`AVQA_IMAGE_QUESTION_SHARE` of them); while the base does not train, only those that
+    also carry audio (a VL-only row is then the teacher exactly). Caption rows are never distilled.
+
+    A batch holds ``round(audio_ratio * B)`` audio-bearing rows and the rest without audio, each part mixing
+    its datasets by the phase's ``datasets`` weights (``data.sampling``). The audio ratio is the phase's
+    own, or each curriculum stage's in a curriculum phase: the share returned is the largest over the stages
+    that run the teacher (the phase's peak). It is an expectation: a batch drawn with more image questions
+    than average distils more rows.
+    """
+    lc = cfg.loss
+    if lc.task_only or not (lc.distillation or lc.retention):
+        return 0.0
+    pools: dict[bool, dict[str, float]] = {True: {}, False: {}}
+    for name, w in phase.datasets.items():
+        if w > 0:
+            pools[_dataset_rows(cfg, name)[0]][name] = w
+    base_trains = _base_trains(cfg, phase)
+
+    def pool_share(audio: bool) -> float:
+        ws = pools[audio]
+        if not ws or not (audio or base_trains):
+            return 0.0
+        return sum(w * _dataset_rows(cfg, d)[1] for d, w in ws.items()) / sum(ws.values())
+
+    s_audio, s_other = pool_share(True), pool_share(False)
+    if phase.curriculum and cfg.curriculum.enabled and cfg.curriculum.stages:
+        stages = [(s.audio_ratio, s.beta, s.gamma) for s in cfg.curriculum.stages]
+    else:
+        stages = [(phase.audio_ratio, lc.beta, lc.gamma)]
+    b = phase.batch_size
+    best = 0.0
+    for ratio, beta, gamma in stages:
+        if not ((lc.retention and beta > 0) or (lc.distillation and gamma > 0)):
+            continue  # this stage's loss weights switch the teacher off
+        # as BatchStream: a phase whose data has only one kind of row fills every slot with it
+        ratio = 1.0 if not pools[False] else (0.0 if not pools[True] else ratio)
+        n_audio = round(ratio * b)
+        best = max(best, (n_audio * s_audio + (b - n_audio) * s_other) / b)
+    return best
+
+
+def teacher_rows(share: float, batch: int) -> int:
+    """Rows the teacher runs on in a batch of ``batch``: the expected share rounded up to whole rows."""
+    if share <= 0:
+        return 0
+    return min(batch, max(1, math.ceil(share * batch - 1e-9)))  # (- 1e-9: 0.25 * 16 is 4 rows, not 5)
 
 
 def phase_trainability(cfg: SAFEConfig, phase: PhaseConfig) -> Trainability:
     unfrozen = list(phase.unfreeze) if "base" in phase.train else []
-    teacher = (cfg.loss.distillation or cfg.loss.retention) and not cfg.loss.task_only and any(
-        d in IMAGE_DATASETS or d in (cfg.data.vqa_dataset, cfg.data.avqa_dataset) for d in phase.datasets)
+    share = teacher_row_share(cfg, phase)
     return Trainability(projector="projector" in phase.train,
                         fusion="fusion" in phase.train and cfg.model.fusion.enabled,
                         lora="lora" in phase.train and cfg.model.lora.enabled, unfrozen=unfrozen,
-                        teacher=bool(teacher))
+                        teacher=share > 0, teacher_rows=share)
 
 
 def _pick_phase(cfg: SAFEConfig, phase: int | None) -> tuple[int, PhaseConfig]:
@@ -537,12 +634,13 @@ def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfi
                                                   lora_inputs_per_token=lora_in)
     stored += lm_stored
     transient += lm_transient
-    if tr.teacher:
+    rows = teacher_rows(tr.teacher_rows, batch)
+    if rows:
         # the teacher's no-grad forward runs while the student's activations are held: it keeps every
-        # layer's hidden states (output_hidden_states) plus one layer's intermediates and its logits.
-        # Upper bound: every row distilled.
+        # layer's hidden states (output_hidden_states) plus one layer's intermediates and its logits, for
+        # the distilled rows only (the expected number of them, see teacher_row_share)
         n_states = lm.layers + 1 if lm.kind == "decoder" else lm.decoder_layers + 1
-        teacher = (n_states * lm.hidden + max(lm.ffn, 3 * lm.hidden) + lm.vocab) * out_seq * e * batch
+        teacher = (n_states * lm.hidden + max(lm.ffn, 3 * lm.hidden) + lm.vocab) * out_seq * e * rows
         transient = max(transient, teacher)
     # autocast with weights stored in another dtype (fp32 weights + bf16 autocast): every frozen LM matmul
     # runs on a bf16 copy of its weight, and autograd keeps that copy to pass gradients back (2 B/param)
@@ -683,6 +781,7 @@ def model_summary(cfg: SAFEConfig, *, phase: int | None = None, text_tokens: int
     return Summary(base=parts.base_name, audio=parts.audio_name, phase=ph.name, phase_index=idx,
                    batch_size=ph.batch_size, visual_tokens=parts.num_visual_tokens, audio_tokens=k,
                    text_tokens=text_tokens, rows=rows, memory=levers[0], levers=levers,
+                   teacher_rows=teacher_rows(tr.teacher_rows, ph.batch_size), teacher_share=tr.teacher_rows,
                    settings=dict(dtype=cfg.model.dtype, load_in=cfg.model.load_in,
                                  gradient_checkpointing=cfg.model.gradient_checkpointing,
                                  mixed_precision=cfg.train.mixed_precision,
@@ -734,6 +833,9 @@ def format_table(summary: Summary) -> str:
              for m in s.levers]
     out += _table(["setting", "weights", "fp32 master", "grads", "AdamW", "activations", "transient", "PEAK"],
                   mrows, set(range(1, 8)))
+    out.append(f"teacher (distillation / retention): {s.teacher_rows} of {s.batch_size} rows per batch "
+               f"(expected share {s.teacher_share:.0%} at the phase's busiest stage), in the transient"
+               if s.teacher_rows else "teacher (distillation / retention): no distilled rows in this phase")
     out.append("peak = weights + fp32 master + grads + AdamW + activations + backward transient; excludes the CUDA "
                "context (~0.5 GiB) and allocator fragmentation.")
     for n in s.notes:
