@@ -258,20 +258,47 @@ class OptimConfig:
 
 
 @dataclass
-class AudioPretrainConfig:
-    """Trains a *tiny* audio encoder to hear the synthetic scenes first (what a real CLAP / Whisper brings)."""
+class EncoderPretrainConfig:
+    """Supervised pretraining of a *tiny* encoder on synthetic data of its own (what a real one brings)."""
 
     enabled: bool = False
-    clips: int = 1000
-    """Fresh synthetic scenes rendered for it (a corpus of its own, disjoint from SAFE's data)."""
     epochs: int = 30
     lr: float = 3e-3
     batch_size: int = 32
     seed: int = 4242
 
     def __post_init__(self):
-        _check(self.clips >= self.batch_size, "clips", self.clips, "must be >= batch_size")
         _check(self.epochs > 0, "epochs", self.epochs, "must be > 0")
+
+
+@dataclass
+class AudioPretrainConfig(EncoderPretrainConfig):
+    """Trains a *tiny* audio encoder to hear the synthetic scenes first (what a real CLAP / Whisper brings)."""
+
+    clips: int = 1000
+    """Fresh synthetic scenes rendered for it (a corpus of its own, disjoint from SAFE's data)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.clips >= self.batch_size, "clips", self.clips, "must be >= batch_size")
+
+
+@dataclass
+class VisionPretrainConfig(EncoderPretrainConfig):
+    """Trains a *tiny* base's vision tower to see the synthetic frames first (what a real ViT / CLIP brings)."""
+
+    epochs: int = 40
+    lr: float = 3e-3
+    batch_size: int = 64
+    seed: int = 777
+    images: int = 2000
+    """Fresh synthetic frames rendered for it (VQA-style shapes and instrument scenes, another seed)."""
+    freeze: bool = True
+    """Keep the pretrained tower frozen while the base then learns VQA (as BLIP-2 and LLaVA keep theirs)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.images >= self.batch_size, "images", self.images, "must be >= batch_size")
 
 
 @dataclass
@@ -284,6 +311,7 @@ class PretrainConfig:
     batch_size: int = 32
     cache_dir: str = "runs/cache/base"
     audio: AudioPretrainConfig = field(default_factory=AudioPretrainConfig)
+    vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
 
 
 @dataclass

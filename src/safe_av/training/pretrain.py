@@ -3,7 +3,8 @@
 The demo's base model is built from a transformers config with random weights; on its own it
 answers nothing, and "retention" of nothing is meaningless. So before SAFE training, the
 whole tiny base is trained on the image-only questions (VQA v2 + MUSIC-AVQA's Visual questions,
-without audio) and saved with ``save_pretrained`` to a cache folder keyed by everything that
+without audio), after its vision tower was given sight (``train.pretrain.vision``, then kept frozen), and
+saved with ``save_pretrained`` to a cache folder keyed by everything that
 determines it. SAFE then loads it through the same ``from_pretrained(path)`` as a real checkpoint.
 """
 
@@ -25,6 +26,7 @@ from safe_av.models.base_vl import BaseVL
 from safe_av.models.presets import build_tiny_base
 from safe_av.training.build_once import build_once
 from safe_av.training.data import BatchStream, SAFEDataset
+from safe_av.training.pretrain_vision import pretrain_vision_tower, vision_tower
 from safe_av.training.schedule import warmup_linear_decay
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ def corpus_texts(samples: list[Sample]) -> list[str]:
 def _key(cfg: SAFEConfig, samples: list[Sample]) -> str:
     ids = sorted(f"{s.dataset}/{s.id}/{s.answers[0] if s.answers else ''}" for s in samples)
     recipe = {k: v for k, v in to_dict(cfg.train.pretrain).items() if k != "audio"}  # the encoder's own key
+    if not cfg.train.pretrain.vision.enabled:
+        recipe.pop("vision")  # bases pretrained before the vision stage existed keep their key
     blob = json.dumps({"recipe": 4, "base": cfg.model.base, "seed": cfg.model.tiny_seed, "pretrain": recipe,
                        "samples": ids, "max_len": cfg.data.max_text_length}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -67,8 +71,14 @@ def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Samp
     torch.manual_seed(cfg.model.tiny_seed)
     model, processor = build_tiny_base(cfg.model.base, corpus_texts(vocabulary), seed=cfg.model.tiny_seed)
     base = BaseVL(model, processor)
-    model.requires_grad_(True)
     model.to(device)
+    vision = None
+    if pre.vision.enabled:  # first give the random vision tower sight (training/pretrain_vision.py)
+        vision = pretrain_vision_tower(model, processor.image_processor, pre.vision, device=device)
+    model.requires_grad_(True)
+    if vision and pre.vision.freeze:
+        vision_tower(model).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
     proc = SAFEProcessor(tokenizer=processor.tokenizer, image_processor=processor.image_processor,
                          image_token_id=base.image_token_id, num_image_tokens=base.num_image_tokens,
                          audio_token_id=-1, num_audio_tokens=0, family=base.family,
@@ -79,7 +89,7 @@ def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Samp
                          seed=cfg.train.seed)
     stream.configure(0.0, None)
     steps = max(1, int(pre.epochs * stream.batches_per_epoch()))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=pre.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(params, lr=pre.lr, weight_decay=0.01)
     schedule = warmup_linear_decay(optimizer, steps)
     t0 = time.time()
     for step in range(steps):
@@ -87,7 +97,7 @@ def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Samp
         loss = _vl_loss(base, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
@@ -95,8 +105,9 @@ def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Samp
     model.eval().requires_grad_(False)
     model.to("cpu").save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "pretrain.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss.detach()), "seconds":
-                                                   round(time.time() - t0, 1), "samples": len(train)}))
+    report = {"steps": steps, "final_loss": float(loss.detach()), "seconds": round(time.time() - t0, 1),
+              "samples": len(train)}
+    (out / "pretrain.json").write_text(json.dumps(report | ({"vision": vision} if vision else {}), indent=2))
 
 
 def _vl_loss(base: BaseVL, batch: dict) -> torch.Tensor:

@@ -35,7 +35,7 @@ from safe_av.data.synth_scenes import INSTRUMENTS, Scene, make_scene, render_aud
 from safe_av.models.audio_encoders import AudioEncoder
 from safe_av.models.presets import TINY_AUDIO, build_tiny_audio
 from safe_av.training.build_once import build_once
-from safe_av.training.schedule import warmup_linear_decay
+from safe_av.training.supervised import fit
 
 log = logging.getLogger(__name__)
 
@@ -150,31 +150,15 @@ def _build_tiny_audio(cfg: SAFEConfig, out: Path, device: torch.device | str) ->
     encoder.to(device)
     heads.to(device)
     params = [*encoder.encoder.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=pre.lr, weight_decay=0.01)
-    per_epoch = pre.clips // pre.batch_size
-    steps = pre.epochs * per_epoch
-    schedule = warmup_linear_decay(optimizer, steps)
-    gen = torch.Generator().manual_seed(pre.seed)
 
     def run(batch: dict) -> tuple[torch.Tensor, dict]:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = encoder.encode(batch["audio"], batch["audio_valid_frac"])
         return heads(out.pooled, batch)
 
-    for epoch in range(pre.epochs):
-        encoder.encoder.train()
-        perm = torch.randperm(pre.clips, generator=gen)
-        for i in range(per_epoch):
-            idx = perm[i * pre.batch_size:(i + 1) * pre.batch_size]
-            loss, _ = run({k: v[idx] for k, v in train.items()})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-        if epoch % 10 == 9 or epoch == pre.epochs - 1:
-            log.info("pretrain audio epoch %d/%d loss %.4f (%.0fs)", epoch + 1, pre.epochs, float(loss.detach()),
-                     time.time() - t0)
+    encoder.encoder.train()
+    steps, loss = fit(params, pre.clips, pre, lambda idx: run({k: v[idx] for k, v in train.items()})[0],
+                      what="audio")
     encoder.encoder.eval()
     with torch.no_grad():
         held_loss, held_acc = run(held_out)
@@ -183,6 +167,6 @@ def _build_tiny_audio(cfg: SAFEConfig, out: Path, device: torch.device | str) ->
     model.to("cpu").save_pretrained(out)
     fe.save_pretrained(out)
     (out / "pretrain.json").write_text(json.dumps({
-        "steps": steps, "final_loss": float(loss.detach()), "held_out_loss": float(held_loss),
+        "steps": steps, "final_loss": loss, "held_out_loss": float(held_loss),
         "held_out": {k: round(v, 4) for k, v in held_acc.items()}, "clips": pre.clips,
         "held_out_clips": len(held_out["audio"]), "seconds": round(time.time() - t0, 1)}, indent=2))

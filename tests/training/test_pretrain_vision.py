@@ -1,0 +1,75 @@
+"""The tiny base's vision-tower pretraining: targets, frames, training, freezing, cache key."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import Blip2ForConditionalGeneration
+
+from safe_av.config import SAFEConfig, VisionPretrainConfig
+from safe_av.data.synth_scenes import COLOR_OF, SHAPE_OF
+from safe_av.data.synthetic import VQA_COLORS
+from safe_av.models.presets import build_tiny_base
+from safe_av.training import pretrain as pt
+from safe_av.training import pretrain_vision as pv
+
+
+def test_frame_targets_by_hand():
+    objects = [("triangle", VQA_COLORS["yellow"], "right"), (SHAPE_OF["drum"], COLOR_OF["drum"], "left")]
+    t = pv.frame_targets(objects)  # slots: left, middle, right
+    assert t[0].tolist() == [pv.SHAPES.index("diamond"), 0, pv.SHAPES.index("triangle")]
+    assert t[1].tolist() == [pv.COLORS.index("yellow"), 0, pv.COLORS.index("yellow")]
+
+
+@pytest.mark.parametrize("base", ["tiny-blip2-opt", "tiny-llava"])
+def test_frames_and_training_change_only_the_vision_tower(base):
+    model, processor = build_tiny_base(base)
+    x, y = pv.synth_frames(processor.image_processor, 6, np.random.default_rng(0))
+    assert x.shape[:2] == (6, 3) and y.shape == (6, 2, 3)
+    assert torch.equal(y[:, 0] == 0, y[:, 1] == 0)  # a slot has a shape exactly when it has a colour
+    assert bool(((y[:, 0] > 0).sum(1) >= 1).all())  # every frame shows something
+
+    tower = pv.vision_tower(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = pv.pretrain_vision_tower(model, processor.image_processor,
+                                      VisionPretrainConfig(enabled=True, images=64, epochs=2, batch_size=32))
+    assert report["steps"] == 4 and report["images"] == 64
+    assert set(report["held_out"]) == {"shape", "color"} and all(0 <= v <= 1 for v in report["held_out"].values())
+    tower_ids = {id(p) for p in tower.parameters()}
+    tower_names = {n for n, p in model.named_parameters() if id(p) in tower_ids}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= tower_names  # nothing outside the tower moved
+
+
+def test_base_pretraining_keeps_the_pretrained_tower_frozen(tmp_path, monkeypatch):
+    from safe_av.data.synthetic import write_synthetic
+    from safe_av.eval.run import pretrain_inputs
+
+    root = tmp_path / "corpus"
+    write_synthetic(root, seed=0, small=True)
+    cfg = SAFEConfig()
+    cfg.data.root, cfg.data.synthetic = str(root), False
+    pre = cfg.train.pretrain
+    pre.enabled, pre.epochs, pre.batch_size, pre.cache_dir = True, 1, 8, str(tmp_path / "cache")
+    train, vocab = pretrain_inputs(cfg)
+    plain = pt.pretrained_base_folder(cfg, train, vocab)
+    pre.vision.enabled, pre.vision.images, pre.vision.epochs, pre.vision.batch_size = True, 64, 1, 32
+    assert pt.pretrained_base_folder(cfg, train, vocab) != plain  # the vision recipe is in the key
+
+    after_vision = {}
+    real = pt.pretrain_vision_tower
+
+    def spy(model, *a, **k):
+        out = real(model, *a, **k)
+        after_vision.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return out
+
+    monkeypatch.setattr(pt, "pretrain_vision_tower", spy)
+    folder = pt.pretrain_tiny_base(cfg, train, vocab)
+    report = json.loads((folder / "pretrain.json").read_text())
+    assert report["vision"]["images"] == 64 and report["vision"]["frozen_after"] is True
+    params = dict(Blip2ForConditionalGeneration.from_pretrained(folder).named_parameters())  # the real loader
+    tower = {n for n in params if n.startswith("vision_model.")}
+    assert tower and all(torch.equal(params[n], after_vision[n]) for n in tower)  # frozen while VQA trained
+    assert any(not torch.equal(params[n], after_vision[n]) for n in params if n.startswith("qformer."))
