@@ -10,6 +10,7 @@ from transformers import Blip2ForConditionalGeneration
 from safe_av.config import SAFEConfig, VisionPretrainConfig
 from safe_av.data.synth_scenes import COLOR_OF, SHAPE_OF
 from safe_av.data.synthetic import VQA_COLORS
+from safe_av.models.base_vl import BaseVL
 from safe_av.models.presets import build_tiny_base
 from safe_av.training import pretrain as pt
 from safe_av.training import pretrain_vision as pv
@@ -30,9 +31,9 @@ def test_frames_and_training_change_only_the_vision_tower(base):
     assert torch.equal(y[:, 0] == 0, y[:, 1] == 0)  # a slot has a shape exactly when it has a colour
     assert bool(((y[:, 0] > 0).sum(1) >= 1).all())  # every frame shows something
 
-    tower = pv.vision_tower(model)
+    tower = BaseVL(model, processor).vision_tower
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    report = pv.pretrain_vision_tower(model, processor.image_processor,
+    report = pv.pretrain_vision_tower(tower, processor.image_processor,
                                       VisionPretrainConfig(enabled=True, images=64, epochs=2, batch_size=32))
     assert report["steps"] == 4 and report["images"] == 64
     assert set(report["held_out"]) == {"shape", "color"} and all(0 <= v <= 1 for v in report["held_out"].values())
@@ -60,9 +61,9 @@ def test_base_pretraining_keeps_the_pretrained_tower_frozen(tmp_path, monkeypatc
     after_vision = {}
     real = pt.pretrain_vision_tower
 
-    def spy(model, *a, **k):
-        out = real(model, *a, **k)
-        after_vision.update({n: p.detach().clone() for n, p in model.named_parameters()})
+    def spy(tower, *a, **k):
+        out = real(tower, *a, **k)
+        after_vision.update({f"vision_model.{n}": p.detach().clone() for n, p in tower.named_parameters()})
         return out
 
     monkeypatch.setattr(pt, "pretrain_vision_tower", spy)
@@ -72,4 +73,7 @@ def test_base_pretraining_keeps_the_pretrained_tower_frozen(tmp_path, monkeypatc
     params = dict(Blip2ForConditionalGeneration.from_pretrained(folder).named_parameters())  # the real loader
     tower = {n for n in params if n.startswith("vision_model.")}
     assert tower and all(torch.equal(params[n], after_vision[n]) for n in tower)  # frozen while VQA trained
-    assert any(not torch.equal(params[n], after_vision[n]) for n in params if n.startswith("qformer."))
+    initial = dict(build_tiny_base("tiny-blip2-opt", pt.corpus_texts(vocab), seed=cfg.model.tiny_seed)[0]
+                   .named_parameters())  # the random base pretraining starts from (seeded)
+    assert not any(torch.equal(initial[n], after_vision[n]) for n in tower)  # the vision stage ran
+    assert any(not torch.equal(params[n], initial[n]) for n in params if n.startswith("qformer."))  # VQA trained

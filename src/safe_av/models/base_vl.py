@@ -83,13 +83,17 @@ class BaseVL(nn.Module):
         """The language model (decoder / encoder-decoder) inside the VL model: where LoRA goes."""
         return self.model.language_model if self.family == "blip2" else self.model.model.language_model
 
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The image encoder (BLIP-2's ViT, LLaVA's CLIP vision tower); its forward returns ``pooler_output``."""
+        return self.model.vision_model if self.family == "blip2" else self.model.model.vision_tower
+
     def vision_modules(self) -> dict[str, nn.Module]:
         """Named modules of the visual path that phase 3 may unfreeze."""
         if self.family == "blip2":
-            return {"vision_model": self.model.vision_model, "qformer": self.model.qformer,
+            return {"vision_model": self.vision_tower, "qformer": self.model.qformer,
                     "language_projection": self.model.language_projection}
-        return {"vision_tower": self.model.model.vision_tower,
-                "multi_modal_projector": self.model.model.multi_modal_projector}
+        return {"vision_tower": self.vision_tower, "multi_modal_projector": self.model.model.multi_modal_projector}
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, L, D) with the language model's own embedding table."""

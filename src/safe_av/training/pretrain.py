@@ -26,8 +26,8 @@ from safe_av.models.base_vl import BaseVL
 from safe_av.models.presets import build_tiny_base
 from safe_av.training.build_once import build_once
 from safe_av.training.data import BatchStream, SAFEDataset
-from safe_av.training.pretrain_vision import pretrain_vision_tower, vision_tower
-from safe_av.training.schedule import warmup_linear_decay
+from safe_av.training.pretrain_vision import pretrain_vision_tower
+from safe_av.training.supervised import fit
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,10 @@ def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Samp
     model.to(device)
     vision = None
     if pre.vision.enabled:  # first give the random vision tower sight (training/pretrain_vision.py)
-        vision = pretrain_vision_tower(model, processor.image_processor, pre.vision, device=device)
+        vision = pretrain_vision_tower(base.vision_tower, processor.image_processor, pre.vision, device=device)
     model.requires_grad_(True)
     if vision and pre.vision.freeze:
-        vision_tower(model).requires_grad_(False)
+        base.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     proc = SAFEProcessor(tokenizer=processor.tokenizer, image_processor=processor.image_processor,
                          image_token_id=base.image_token_id, num_image_tokens=base.num_image_tokens,
@@ -89,23 +89,13 @@ def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Samp
                          seed=cfg.train.seed)
     stream.configure(0.0, None)
     steps = max(1, int(pre.epochs * stream.batches_per_epoch()))
-    optimizer = torch.optim.AdamW(params, lr=pre.lr, weight_decay=0.01)
-    schedule = warmup_linear_decay(optimizer, steps)
     t0 = time.time()
-    for step in range(steps):
-        batch = move_batch(stream.next(), device)
-        loss = _vl_loss(base, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            log.info("pretrain base step %d/%d loss %.4f (%.0fs)", step + 1, steps, loss.item(), time.time() - t0)
+    batches = (move_batch(stream.next(), device) for _ in range(steps))
+    loss = fit(params, pre.lr, batches, steps, lambda batch: _vl_loss(base, batch), what="base")
     model.eval().requires_grad_(False)
     model.to("cpu").save_pretrained(out)
     processor.save_pretrained(out)
-    report = {"steps": steps, "final_loss": float(loss.detach()), "seconds": round(time.time() - t0, 1),
+    report = {"steps": steps, "final_loss": loss, "seconds": round(time.time() - t0, 1),
               "samples": len(train)}
     (out / "pretrain.json").write_text(json.dumps(report | ({"vision": vision} if vision else {}), indent=2))
 

@@ -35,7 +35,7 @@ from safe_av.data.synth_scenes import INSTRUMENTS, Scene, make_scene, render_aud
 from safe_av.models.audio_encoders import AudioEncoder
 from safe_av.models.presets import TINY_AUDIO, build_tiny_audio
 from safe_av.training.build_once import build_once
-from safe_av.training.supervised import fit
+from safe_av.training.supervised import epoch_batches, fit
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,9 @@ def _build_tiny_audio(cfg: SAFEConfig, out: Path, device: torch.device | str) ->
         return heads(out.pooled, batch)
 
     encoder.encoder.train()
-    steps, loss = fit(params, pre.clips, pre, lambda idx: run({k: v[idx] for k, v in train.items()})[0],
-                      what="audio")
+    batches, steps = epoch_batches(pre.clips, pre.batch_size, pre.epochs, pre.seed)
+    loss = fit(params, pre.lr, batches, steps, lambda idx: run({k: v[idx] for k, v in train.items()})[0],
+               what="audio")
     encoder.encoder.eval()
     with torch.no_grad():
         held_loss, held_acc = run(held_out)

@@ -31,7 +31,7 @@ from safe_av.config import VisionPretrainConfig
 from safe_av.data.synth_scenes import COLOR_OF, POSITIONS, SHAPE_OF, draw_objects, make_scene
 from safe_av.data.synthetic import VQA_COLORS, VQA_SHAPES
 from safe_av.data.vision import color_jitter, random_resized_crop
-from safe_av.training.supervised import fit
+from safe_av.training.supervised import epoch_batches, fit
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +90,11 @@ class SlotHeads(nn.Module):
         return loss, acc
 
 
-def vision_tower(model: nn.Module) -> nn.Module:
-    """The vision encoder of a BLIP-2 or LLaVA model (its forward returns ``pooler_output``)."""
-    return model.vision_model if hasattr(model, "vision_model") else model.model.vision_tower
-
-
-def pretrain_vision_tower(model: nn.Module, image_processor, pre: VisionPretrainConfig, *,
+def pretrain_vision_tower(tower: nn.Module, image_processor, pre: VisionPretrainConfig, *,
                           device: torch.device | str = "cpu") -> dict:
-    """Train ``model``'s vision tower in place on fresh synthetic frames; returns the report for pretrain.json."""
+    """Train a vision tower (``BaseVL.vision_tower``: its forward returns ``pooler_output``) in place on fresh
+    synthetic frames; returns the report for pretrain.json."""
     t0 = time.time()
-    tower = vision_tower(model)
     rng = np.random.default_rng(pre.seed)
     train_x, train_y = synth_frames(image_processor, pre.images, rng)
     held_x, held_y = synth_frames(image_processor, max(pre.batch_size, pre.images // 5), rng)
@@ -111,8 +106,9 @@ def pretrain_vision_tower(model: nn.Module, image_processor, pre: VisionPretrain
         return heads(tower(pixel_values=x.to(device)).pooler_output, y.to(device))
 
     tower.train()
-    steps, loss = fit([*tower.parameters(), *heads.parameters()], pre.images, pre,
-                      lambda idx: run(train_x[idx], train_y[idx])[0], what="vision", log_every=5)
+    batches, steps = epoch_batches(pre.images, pre.batch_size, pre.epochs, pre.seed)
+    loss = fit([*tower.parameters(), *heads.parameters()], pre.lr, batches, steps,
+               lambda idx: run(train_x[idx], train_y[idx])[0], what="vision")
     tower.eval()
     with torch.no_grad():
         held_loss, held_acc = run(held_x, held_y)

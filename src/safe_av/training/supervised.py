@@ -1,14 +1,16 @@
-"""The minibatch loop shared by the tiny encoders' supervised pretraining (audio and vision).
+"""The optimisation loop shared by the tiny models' pretraining (base VL model, audio encoder, vision tower).
 
-Both train an encoder plus linear read-out heads on targets they render themselves: AdamW, warm-up then
-linear decay, gradient clipping at 1.0, a seeded permutation per epoch, a log line every few epochs.
+All three train with AdamW (weight decay 0.01), a linear warm-up then linear decay to 0, gradient clipping
+at 1.0 and a log line every few steps; they differ only in where batches come from and how a batch's loss
+is computed. SAFE's own phases have their own loop (``training/loop.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
 
@@ -16,35 +18,48 @@ from safe_av.training.schedule import warmup_linear_decay
 
 log = logging.getLogger(__name__)
 
+B = TypeVar("B")
 
-def fit(params: list[torch.nn.Parameter], n: int, recipe, loss_of: Callable[[torch.Tensor], torch.Tensor], *,
-        what: str, log_every: int = 10) -> tuple[int, float]:
-    """Train ``params`` for ``recipe.epochs`` epochs over ``n`` examples; returns (steps, last loss).
+
+def fit(params: list[torch.nn.Parameter], lr: float, batches: Iterable[B], steps: int,
+        loss_of: Callable[[B], torch.Tensor], *, what: str, log_every: int = 100) -> float:
+    """``steps`` optimizer steps over ``batches``; returns the last batch's loss.
 
     Args:
-        params: the trainable parameters (encoder + heads).
-        n: number of training examples; batches are ``recipe.batch_size`` indices into them.
-        recipe: ``epochs``, ``lr``, ``batch_size`` and ``seed`` (an encoder's pretraining config).
-        loss_of: the loss of a batch, given its (B,) example indices.
+        params: the trainable parameters.
+        lr: peak learning rate.
+        batches: at least ``steps`` batches, consumed in order.
+        steps: optimizer steps (the schedule's length).
+        loss_of: a batch's loss.
         what: name used in the log lines.
     """
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
-    per_epoch = n // recipe.batch_size
-    steps = recipe.epochs * per_epoch
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = warmup_linear_decay(optimizer, steps)
-    gen = torch.Generator().manual_seed(recipe.seed)
     t0 = time.time()
     loss = torch.zeros(())
-    for epoch in range(recipe.epochs):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(per_epoch):
-            loss = loss_of(perm[i * recipe.batch_size:(i + 1) * recipe.batch_size])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-        if epoch % log_every == log_every - 1 or epoch == recipe.epochs - 1:
-            log.info("pretrain %s epoch %d/%d loss %.4f (%.0fs)", what, epoch + 1, recipe.epochs, float(loss.detach()),
+    for step, batch in zip(range(steps), batches):
+        loss = loss_of(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % log_every == 0 or step == steps - 1:
+            log.info("pretrain %s step %d/%d loss %.4f (%.0fs)", what, step + 1, steps, float(loss.detach()),
                      time.time() - t0)
-    return steps, float(loss.detach())
+    return float(loss.detach())
+
+
+def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> tuple[Iterator[torch.Tensor], int]:
+    """Index batches over ``n`` examples, a fresh seeded permutation per epoch (the last partial batch of
+    each epoch dropped); returns them and their number."""
+    per_epoch = n // batch_size
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches():
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            for i in range(per_epoch):
+                yield perm[i * batch_size:(i + 1) * batch_size]
+
+    return batches(), epochs * per_epoch
