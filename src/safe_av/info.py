@@ -408,11 +408,14 @@ class Trainability:
     fusion: bool
     lora: bool
     unfrozen: list[str]
-    teacher: bool = False
-    """The phase runs the teacher (distillation / retention) on some rows (``teacher_rows > 0``)."""
-    teacher_rows: float = 0.0
+    teacher_share: float = 0.0
     """Expected share of a batch's rows the teacher runs on (distilled rows), at the phase's curriculum stage
     with the most; see :func:`teacher_row_share`. 0 when no row can be distilled."""
+
+    @property
+    def teacher(self) -> bool:
+        """The phase runs the teacher (distillation / retention) on some rows."""
+        return self.teacher_share > 0
 
 
 AVQA_IMAGE_QUESTION_SHARE = 0.24
@@ -512,11 +515,10 @@ def teacher_rows(share: float, batch: int) -> int:
 
 def phase_trainability(cfg: SAFEConfig, phase: PhaseConfig) -> Trainability:
     unfrozen = list(phase.unfreeze) if "base" in phase.train else []
-    share = teacher_row_share(cfg, phase)
     return Trainability(projector="projector" in phase.train,
                         fusion="fusion" in phase.train and cfg.model.fusion.enabled,
                         lora="lora" in phase.train and cfg.model.lora.enabled, unfrozen=unfrozen,
-                        teacher=share > 0, teacher_rows=share)
+                        teacher_share=teacher_row_share(cfg, phase))
 
 
 def _pick_phase(cfg: SAFEConfig, phase: int | None) -> tuple[int, PhaseConfig]:
@@ -634,7 +636,7 @@ def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfi
                                                   lora_inputs_per_token=lora_in)
     stored += lm_stored
     transient += lm_transient
-    rows = teacher_rows(tr.teacher_rows, batch)
+    rows = teacher_rows(tr.teacher_share, batch)
     if rows:
         # the teacher's no-grad forward runs while the student's activations are held: it keeps every
         # layer's hidden states (output_hidden_states) plus one layer's intermediates and its logits, for
@@ -781,7 +783,7 @@ def model_summary(cfg: SAFEConfig, *, phase: int | None = None, text_tokens: int
     return Summary(base=parts.base_name, audio=parts.audio_name, phase=ph.name, phase_index=idx,
                    batch_size=ph.batch_size, visual_tokens=parts.num_visual_tokens, audio_tokens=k,
                    text_tokens=text_tokens, rows=rows, memory=levers[0], levers=levers,
-                   teacher_rows=teacher_rows(tr.teacher_rows, ph.batch_size), teacher_share=tr.teacher_rows,
+                   teacher_rows=teacher_rows(tr.teacher_share, ph.batch_size), teacher_share=tr.teacher_share,
                    settings=dict(dtype=cfg.model.dtype, load_in=cfg.model.load_in,
                                  gradient_checkpointing=cfg.model.gradient_checkpointing,
                                  mixed_precision=cfg.train.mixed_precision,
