@@ -294,6 +294,9 @@ class Trainer:
             fisher = compute_fisher(self, params)
             if self.main:
                 save_fisher(path, fisher, {n: self.model.anchors[n] for n in fisher}, {"batches": lc.fisher_batches})
+        # the parameters' order, whether computed or loaded (a file lists its tensors by name): the mean below is a
+        # float sum, and a different order changes its last bits - and an exact resume's weights
+        fisher = {n: fisher[n] for n in params if n in fisher}
         if lc.fisher_normalize:
             mean = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp(min=1e-30)
             fisher = {n: f / mean for n, f in fisher.items()}
