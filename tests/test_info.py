@@ -322,8 +322,9 @@ def test_teacher_transient_scales_with_distilled_rows():
     assert [x.teacher_rows for x in s] == [0, 4, 10]  # 8 x 0.6/0.8 x 0.24 + 8 VQA rows = 9.4
     assert "4 of 16 rows" in format_table(s[1]) and "no distilled rows" in format_table(s[0])
     lm, e = parts.lm, 4  # fp32 demo
-    per_row = ((lm.layers + 1) * lm.hidden + max(lm.ffn, 3 * lm.hidden) + lm.vocab) * (8 + 8 + 32) * e
-    logits_grad = lm.vocab * (8 + 8 + 32) * 4 * 16
+    seq = 8 + cfg.model.num_audio_tokens + 32  # image, audio and text tokens
+    per_row = ((lm.layers + 1) * lm.hidden + max(lm.ffn, 3 * lm.hidden) + lm.vocab) * seq * e
+    logits_grad = lm.vocab * seq * 4 * 16
     for x in s[1:]:
         assert x.memory.transient == pytest.approx(per_row * x.teacher_rows + logits_grad)
 

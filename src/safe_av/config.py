@@ -302,6 +302,25 @@ class VisionPretrainConfig(EncoderPretrainConfig):
 
 
 @dataclass
+class SoundTextPretrainConfig:
+    """Teaches a *tiny* base's language model to answer audio questions from a description of the sound in
+    words (what a real LLM brings; ``training/pretrain_sound_text.py``). It never hears audio."""
+
+    enabled: bool = False
+    scenes: int = 1500
+    """Fresh synthetic scenes described for it (another seed, disjoint from SAFE's data)."""
+    held_out_scenes: int = 150
+    share: float = 1.0
+    """Described batches per VQA batch of the base pretraining (interleaved, seeded)."""
+    seed: int = 909
+
+    def __post_init__(self):
+        _check(self.scenes > 0, "scenes", self.scenes, "must be > 0")
+        _check(self.held_out_scenes > 0, "held_out_scenes", self.held_out_scenes, "must be > 0")
+        _check(0.0 < self.share <= 4.0, "share", self.share, "must be in (0, 4]")
+
+
+@dataclass
 class PretrainConfig:
     """Trains a *tiny* base VL model on the VQA set first, so it has VL ability worth keeping."""
 
@@ -312,6 +331,7 @@ class PretrainConfig:
     cache_dir: str = "runs/cache/base"
     audio: AudioPretrainConfig = field(default_factory=AudioPretrainConfig)
     vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
+    sound_text: SoundTextPretrainConfig = field(default_factory=SoundTextPretrainConfig)
 
 
 @dataclass

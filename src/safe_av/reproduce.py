@@ -181,6 +181,7 @@ def quick_overrides(out: Path, n_phases: int) -> list[str]:
         f"train.pretrain.cache_dir={out / 'cache' / 'base'}", "train.pretrain.enabled=true",
         "train.pretrain.epochs=1", "train.pretrain.batch_size=8", "train.pretrain.audio.clips=64",
         "train.pretrain.audio.epochs=1", "train.pretrain.vision.images=64", "train.pretrain.vision.epochs=1",
+        "train.pretrain.sound_text.scenes=8", "train.pretrain.sound_text.held_out_scenes=2",
         "curriculum.eval_every=3", "curriculum.eval_samples=4", "curriculum.min_stage_steps=1",
         "curriculum.max_stage_steps=2", "eval.batch_size=8", "eval.max_new_tokens=2", "loss.fisher_batches=2",
         "model.num_audio_tokens=4", "model.projector.hidden_dim=32", "train.optim.warmup_steps=2",

@@ -22,6 +22,7 @@ def tiny_train_config(root, tmp, **overrides):
         f"data.root={root}", "data.synthetic=false", f"train.pretrain.cache_dir={tmp}/base",
         "train.pretrain.enabled=true", "train.pretrain.epochs=2", "train.pretrain.batch_size=8",
         "train.pretrain.audio.enabled=false", "train.pretrain.vision.enabled=false",
+        "train.pretrain.sound_text.enabled=false",
         "train.log_every=1", "train.checkpoint_every=1000", "train.trackers=[]",
         "curriculum.eval_every=3", "curriculum.eval_samples=4", "curriculum.min_stage_steps=1",
         "curriculum.max_stage_steps=2", "eval.batch_size=8", "eval.max_new_tokens=2",

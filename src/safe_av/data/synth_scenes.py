@@ -21,6 +21,8 @@ COLOR_OF = {"piano": (40, 80, 220), "violin": (215, 45, 40), "flute": (35, 165, 
 POSITIONS = ("left", "middle", "right")
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 LEVELS = (1.0, 0.5, 0.25)
+LEVEL_WORDS = {1.0: "loud", 0.5: "medium", 0.25: "quiet"}
+"""How a sound description (``training/pretrain_sound_text.py``) names each loudness level."""
 DURATION_BUCKETS = ((2.0, 4.0), (6.0, 9.0), (11.0, 13.0))
 BUCKET_P = (0.5, 0.3, 0.2)
 SOUNDING_P = {2: (0.75, 0.25), 3: (0.4, 0.4, 0.2)}

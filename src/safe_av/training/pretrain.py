@@ -3,7 +3,8 @@
 The demo's base model is built from a transformers config with random weights; on its own it
 answers nothing, and "retention" of nothing is meaningless. So before SAFE training, the
 whole tiny base is trained on the image-only questions (VQA v2 + MUSIC-AVQA's Visual questions,
-without audio), after its vision tower was given sight (``train.pretrain.vision``, then kept frozen), and
+without audio), after its vision tower was given sight (``train.pretrain.vision``, then kept frozen) and,
+with ``train.pretrain.sound_text``, interleaved with audio questions whose sound is described in words, and
 saved with ``save_pretrained`` to a cache folder keyed by everything that
 determines it. SAFE then loads it through the same ``from_pretrained(path)`` as a real checkpoint.
 """
@@ -23,18 +24,21 @@ from safe_av.config import SAFEConfig, to_dict
 from safe_av.data.records import Sample
 from safe_av.data.text import SAFEProcessor, move_batch
 from safe_av.models.base_vl import BaseVL
-from safe_av.models.presets import build_tiny_base
+from safe_av.models.presets import AUDIO_TOKEN, build_tiny_base
 from safe_av.training.build_once import build_once
 from safe_av.training.data import BatchStream, SAFEDataset
+from safe_av.training import pretrain_sound_text as sound_text
 from safe_av.training.pretrain_vision import pretrain_vision_tower
 from safe_av.training.supervised import fit
 
 log = logging.getLogger(__name__)
 
 
-def corpus_texts(samples: list[Sample]) -> list[str]:
-    """Every question and answer: the tiny tokenizer's vocabulary."""
-    return [t for s in samples for t in [s.question, *s.answers]]
+def corpus_texts(samples: list[Sample], cfg: SAFEConfig | None = None) -> list[str]:
+    """Every question and answer (and the sound descriptions' words when ``cfg`` uses them): the tiny
+    tokenizer's vocabulary."""
+    extra = sound_text.vocabulary() if cfg is not None and cfg.train.pretrain.sound_text.enabled else []
+    return [t for s in samples for t in [s.question, *s.answers]] + extra
 
 
 def _key(cfg: SAFEConfig, samples: list[Sample]) -> str:
@@ -42,6 +46,10 @@ def _key(cfg: SAFEConfig, samples: list[Sample]) -> str:
     recipe = {k: v for k, v in to_dict(cfg.train.pretrain).items() if k != "audio"}  # the encoder's own key
     if not cfg.train.pretrain.vision.enabled:
         recipe.pop("vision")  # bases pretrained before the vision stage existed keep their key
+    if cfg.train.pretrain.sound_text.enabled:  # descriptions fill the audio tokens' places
+        recipe["sound_text_layout"] = [cfg.model.num_audio_tokens, cfg.model.audio_position]
+    else:
+        recipe.pop("sound_text")  # ... and so do those pretrained before the sound descriptions
     blob = json.dumps({"recipe": 4, "base": cfg.model.base, "seed": cfg.model.tiny_seed, "pretrain": recipe,
                        "samples": ids, "max_len": cfg.data.max_text_length}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -69,7 +77,7 @@ def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Samp
                      device: torch.device | str) -> None:
     pre = cfg.train.pretrain
     torch.manual_seed(cfg.model.tiny_seed)
-    model, processor = build_tiny_base(cfg.model.base, corpus_texts(vocabulary), seed=cfg.model.tiny_seed)
+    model, processor = build_tiny_base(cfg.model.base, corpus_texts(vocabulary, cfg), seed=cfg.model.tiny_seed)
     base = BaseVL(model, processor)
     model.to(device)
     vision = None
@@ -91,13 +99,54 @@ def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Samp
     steps = max(1, int(pre.epochs * stream.batches_per_epoch()))
     t0 = time.time()
     batches = (move_batch(stream.next(), device) for _ in range(steps))
+    described = None
+    if pre.sound_text.enabled:  # interleave audio questions with the sound described in words
+        batches, steps, described = _with_sound_text(cfg, base, batches, steps, device)
     loss = fit(params, pre.lr, batches, steps, lambda batch: _vl_loss(base, batch), what="base")
     model.eval().requires_grad_(False)
-    model.to("cpu").save_pretrained(out)
-    processor.save_pretrained(out)
     report = {"steps": steps, "final_loss": loss, "seconds": round(time.time() - t0, 1),
               "samples": len(train)}
+    if described is not None:
+        report["sound_text"] = described()
+    model.to("cpu").save_pretrained(out)
+    processor.save_pretrained(out)
     (out / "pretrain.json").write_text(json.dumps(report | ({"vision": vision} if vision else {}), indent=2))
+
+
+def _with_sound_text(cfg: SAFEConfig, base: BaseVL, vqa_batches, vqa_steps: int, device):
+    """VQA batches interleaved with described-sound batches; the step count; a held-out report function."""
+    pre, st = cfg.train.pretrain, cfg.train.pretrain.sound_text
+    n_words = cfg.model.num_audio_tokens
+    proc = SAFEProcessor(tokenizer=base.tokenizer, image_processor=base.image_processor,
+                         image_token_id=base.image_token_id, num_image_tokens=base.num_image_tokens,
+                         audio_token_id=base.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN), num_audio_tokens=n_words,
+                         family=base.family, is_encoder_decoder=base.is_encoder_decoder,
+                         max_length=cfg.data.max_text_length, audio_position=cfg.model.audio_position)
+    collate = sound_text.described_collate(proc)
+    rows = sound_text.described_rows(st.scenes, st.seed, n_words)
+    held = sound_text.described_rows(st.held_out_scenes, st.seed + 1, n_words)
+    log.info("pretrain base: %d described-sound questions (%d scenes) interleaved at %.2f per VQA batch",
+             len(rows), st.scenes, st.share)
+    described = (move_batch(b, device) for b in sound_text.batches(rows, collate, pre.batch_size, st.seed))
+    steps = vqa_steps + int(round(vqa_steps * st.share))
+    mixed = sound_text.interleave(vqa_batches, described, st.share, st.seed)
+
+    def report() -> dict:
+        out = sound_text.held_out_accuracy(lambda b: _answer_logits(base, move_batch(b, device)), held, collate)
+        log.info("pretrain base: held-out accuracy on described-sound questions %.3f", out["overall"])
+        return out | {"scenes": st.scenes, "questions": len(rows), "held_out_questions": len(held)}
+
+    return mixed, steps, report
+
+
+def _answer_logits(base: BaseVL, batch: dict) -> torch.Tensor:
+    """(B, V) logits predicting each row's first answer token."""
+    labels = batch["labels"]
+    first = (labels != -100).float().argmax(1)
+    rows = torch.arange(len(labels), device=labels.device)
+    out = base.model(pixel_values=batch["images"], input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"], labels=labels if base.is_encoder_decoder else None)
+    return out.logits[rows, first] if base.is_encoder_decoder else out.logits[rows, first - 1]
 
 
 def _vl_loss(base: BaseVL, batch: dict) -> torch.Tensor:
