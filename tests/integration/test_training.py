@@ -31,6 +31,7 @@ def test_run_writes_metrics_report_adapter(full_run):
     assert (run / "config.yaml").is_file()
     # the curriculum went through all four stages (max 2 steps each over the 7 curriculum steps)
     assert list(metrics["curriculum_stages"]) == ["foundation", "development", "advanced", "mastery"]
+    assert metrics["curriculum_stages"]["foundation"] == 2  # phase 2's first step: phase 1 has no curriculum
     events = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"event"' in l]
     assert [e["phase"] for e in events if e["event"] == "phase_start"] == [1, 2, 3]
     assert all(e["reason"] for e in events)

@@ -115,6 +115,16 @@ def test_advances_on_max_steps_and_stops_at_last_stage() -> None:
     assert c.stage_start_steps == {"foundation": 0, "development": 100, "advanced": 200, "mastery": 300}
 
 
+def test_begin_starts_the_first_stage_clock_later() -> None:
+    c = _curriculum()
+    c.begin(400)  # e.g. after a 400-step phase without the curriculum
+    assert c.update(450) == [] and c.current.name == "foundation"
+    assert c.update(500)[0].reason == "max_steps reached (100 >= 100)"
+    assert c.stage_start_steps == {"foundation": 400, "development": 500}
+    with pytest.raises(ValueError, match="already in stage 'development'"):
+        c.begin(600)
+
+
 def test_state_dict_round_trips_through_json() -> None:
     c = _curriculum()
     _feed_stable_losses(c, 0, n=3)

@@ -279,6 +279,13 @@ class Curriculum:
                       "audio_ratio": self.current.audio_ratio,
                       "weights": self.effective_weights().to_dict()})
 
+    def begin(self, step: int) -> None:
+        """Start the first stage's clock at ``step``: the first curriculum phase's first step (earlier phases
+        run without the curriculum, and must not use up its first stage's ``max_steps``)."""
+        if self.index != 0:
+            raise ValueError(f"Curriculum.begin: already in stage {self.current.name!r}")
+        self.stage_start_steps = {self.stages[0].name: int(step)}
+
     # ---- persistence ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

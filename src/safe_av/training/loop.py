@@ -362,6 +362,9 @@ class Trainer:
         else:
             st.phase, st.phase_step = index, 0
             st.phase_starts[str(index)] = st.global_step
+            first_curriculum_phase = phase.curriculum and not any(p.curriculum for p in cfg.train.phases[:index])
+            if first_curriculum_phase and self.curriculum is not None:
+                self.curriculum.begin(st.global_step)  # its foundation stage starts here, not at step 0
             self._log_jsonl({"event": "phase_start", "step": st.global_step, "phase": index + 1, "name": phase.name,
                              "reason": f"phase {index + 1} ({phase.name}): trains {phase.train}"})
         bar.total = (bar.total or 0) + steps - st.phase_step
