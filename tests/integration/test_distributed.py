@@ -170,7 +170,7 @@ def test_two_processes_train_in_lockstep(ddp_setup):
     assert r0["full_sha256"] == r1["full_sha256"]
     # the curriculum changed stage on both ranks at the same steps although rank 1 alone never would
     assert r0["stages"] == r1["stages"]
-    assert [s[1] for s in r0["stages"]] == [1, 1, 2, 2, 3, 3, 3]  # max_stage_steps=2 (foundation began at step 0)
+    assert [s[1] for s in r0["stages"]] == [0, 1, 1, 2, 2, 3, 3]  # max_stage_steps=2 from phase 2's first step
     # rank 0 wrote the run's files; the weights it saved are the ones both ranks hold
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 9

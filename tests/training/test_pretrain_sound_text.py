@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from safe_av.config import SAFEConfig
 from safe_av.data.synth_scenes import INSTRUMENTS, NUMBERS, QUESTION_MAKERS, Scene, Voice
 from safe_av.data.text import SAFEProcessor
 from safe_av.models.base_vl import BaseVL
@@ -75,17 +74,9 @@ def test_interleave_is_seeded_and_follows_the_share():
     assert half == run(0.5, 7) and 60 < sum(x >= 1000 for x in half) < 140
 
 
-def test_base_pretraining_with_sound_text(tmp_path):
-    from safe_av.data.synthetic import write_synthetic
-    from safe_av.eval.run import pretrain_inputs
-
-    root = tmp_path / "corpus"
-    write_synthetic(root, seed=0, small=True)
-    cfg = SAFEConfig()
-    cfg.data.root, cfg.data.synthetic = str(root), False
+def test_base_pretraining_with_sound_text(small_pretrain):
+    cfg, train, vocab = small_pretrain
     pre = cfg.train.pretrain
-    pre.enabled, pre.epochs, pre.batch_size, pre.cache_dir = True, 1, 8, str(tmp_path / "cache")
-    train, vocab = pretrain_inputs(cfg)
     plain = pt.pretrained_base_folder(cfg, train, vocab)
     pre.sound_text.scenes = 7
     cfg.model.num_audio_tokens = 5

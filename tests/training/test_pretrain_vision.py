@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import Blip2ForConditionalGeneration
 
-from safe_av.config import SAFEConfig, VisionPretrainConfig
+from safe_av.config import VisionPretrainConfig
 from safe_av.data.synth_scenes import COLOR_OF, SHAPE_OF
 from safe_av.data.synthetic import VQA_COLORS
 from safe_av.models.base_vl import BaseVL
@@ -43,17 +43,9 @@ def test_frames_and_training_change_only_the_vision_tower(base):
     assert changed and changed <= tower_names  # nothing outside the tower moved
 
 
-def test_base_pretraining_keeps_the_pretrained_tower_frozen(tmp_path, monkeypatch):
-    from safe_av.data.synthetic import write_synthetic
-    from safe_av.eval.run import pretrain_inputs
-
-    root = tmp_path / "corpus"
-    write_synthetic(root, seed=0, small=True)
-    cfg = SAFEConfig()
-    cfg.data.root, cfg.data.synthetic = str(root), False
+def test_base_pretraining_keeps_the_pretrained_tower_frozen(small_pretrain, monkeypatch):
+    cfg, train, vocab = small_pretrain
     pre = cfg.train.pretrain
-    pre.enabled, pre.epochs, pre.batch_size, pre.cache_dir = True, 1, 8, str(tmp_path / "cache")
-    train, vocab = pretrain_inputs(cfg)
     plain = pt.pretrained_base_folder(cfg, train, vocab)
     pre.vision.enabled, pre.vision.images, pre.vision.epochs, pre.vision.batch_size = True, 64, 1, 32
     assert pt.pretrained_base_folder(cfg, train, vocab) != plain  # the vision recipe is in the key
