@@ -308,10 +308,10 @@ class SoundTextPretrainConfig:
 
     enabled: bool = False
     scenes: int = 1500
-    """Fresh synthetic scenes described for it (another seed, disjoint from SAFE's data)."""
+    """Fresh synthetic scenes described for it (drawn with ``seed``, not SAFE's clips)."""
     held_out_scenes: int = 150
     share: float = 1.0
-    """Described batches per VQA batch of the base pretraining (interleaved, seeded)."""
+    """Described batches per VQA batch of the base pretraining (spread evenly among them)."""
     seed: int = 909
 
     def __post_init__(self):

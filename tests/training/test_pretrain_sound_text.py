@@ -65,13 +65,16 @@ def test_description_sits_where_the_audio_tokens_go(name, position):
     assert torch.isfinite(loss)
 
 
-def test_interleave_is_seeded_and_follows_the_share():
-    def run(share, seed):
-        return list(st.interleave(iter(range(200)), iter(range(1000, 2000)), share, seed))
+def test_interleave_spreads_the_share_evenly():
+    def run(share):
+        out = list(st.interleave(iter(range(200)), iter(range(1000, 2000)), share))
+        assert len(out) == st.interleaved_steps(200, share)
+        return out
 
-    assert run(1.0, 0) == [x for i in range(200) for x in (i, 1000 + i)]
-    half = run(0.5, 7)
-    assert half == run(0.5, 7) and 60 < sum(x >= 1000 for x in half) < 140
+    assert run(1.0) == [x for i in range(200) for x in (i, 1000 + i)]
+    assert run(0.5)[:6] == [0, 1, 1000, 2, 3, 1001] and sum(x >= 1000 for x in run(0.5)) == 100
+    assert run(2.0)[:6] == [0, 1000, 1001, 1, 1002, 1003]
+    assert sum(x >= 1000 for x in run(0.3)) == 60
 
 
 def test_base_pretraining_with_sound_text(small_pretrain):

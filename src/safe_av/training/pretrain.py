@@ -128,8 +128,8 @@ def _with_sound_text(cfg: SAFEConfig, base: BaseVL, vqa_batches, vqa_steps: int,
     log.info("pretrain base: %d described-sound questions (%d scenes) interleaved at %.2f per VQA batch",
              len(rows), st.scenes, st.share)
     described = (move_batch(b, device) for b in sound_text.batches(rows, collate, pre.batch_size, st.seed))
-    steps = vqa_steps + int(round(vqa_steps * st.share))
-    mixed = sound_text.interleave(vqa_batches, described, st.share, st.seed)
+    steps = sound_text.interleaved_steps(vqa_steps, st.share)
+    mixed = sound_text.interleave(vqa_batches, described, st.share)
 
     def report() -> dict:
         out = sound_text.held_out_accuracy(lambda b: _answer_logits(base, move_batch(b, device)), held, collate)

@@ -10,7 +10,7 @@ tokens within the demo's budget, however the adapter is trained.
 
 So, like its vision tower (``pretrain_vision``), the tiny base gets what a real model would already have,
 and nothing more: while it learns VQA it also answers the corpus's Audio and Audio-Visual questions about
-*fresh* scenes (another seed, disjoint from SAFE's data) whose sound is **described in words** where SAFE
+*fresh* scenes (drawn with a seed of their own, not SAFE's clips) whose sound is **described in words** where SAFE
 will later put the audio tokens - ``[image] violin loud two piano quiet one . . . [bos] Question: .. Answer:``
 (the sounding instruments in order of entry, each with its loudness and number of notes, padded with "."
 to ``model.num_audio_tokens`` words). The base never hears anything. SAFE's adapter must then learn to put
@@ -23,7 +23,7 @@ Held-out accuracy of the base on described questions, per template, goes to its 
 from __future__ import annotations
 
 import io
-import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
@@ -31,12 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from safe_av.config import SoundTextPretrainConfig
 from safe_av.data.formats.musicavqa import fill_template
 from safe_av.data.synth_scenes import INSTRUMENTS, LEVEL_WORDS, NUMBERS, Scene, draw_scene, make_scene, scene_questions
 from safe_av.data.text import SAFEProcessor
-
-log = logging.getLogger(__name__)
 
 PAD_WORD = "."
 
@@ -94,13 +91,18 @@ def described_collate(proc: SAFEProcessor) -> Callable[[list[dict]], dict]:
     return collate
 
 
-def interleave(vqa: Iterator[dict], described: Iterator[dict], share: float, seed: int) -> Iterator[dict]:
-    """After each VQA batch, a described batch with probability ``share`` (seeded)."""
-    rng = np.random.default_rng(seed)
-    for batch in vqa:
+def interleave(vqa: Iterator[dict], described: Iterator[dict], share: float) -> Iterator[dict]:
+    """Each VQA batch followed by described batches, spread evenly: ``floor(n * share)`` of them after the
+    first ``n`` VQA batches (share 1: alternate; 0.5: after every second one; 2: two after each)."""
+    for i, batch in enumerate(vqa):
         yield batch
-        if rng.random() < share:
+        for _ in range(math.floor((i + 1) * share) - math.floor(i * share)):
             yield next(described)
+
+
+def interleaved_steps(vqa_steps: int, share: float) -> int:
+    """How many batches :func:`interleave` yields for ``vqa_steps`` VQA batches."""
+    return vqa_steps + math.floor(vqa_steps * share)
 
 
 def batches(rows: list[dict], collate: Callable, batch_size: int, seed: int) -> Iterator[dict]:
