@@ -50,6 +50,8 @@ def _key(cfg: SAFEConfig, samples: list[Sample]) -> str:
         recipe["sound_text_layout"] = [cfg.model.num_audio_tokens, cfg.model.audio_position]
     else:
         recipe.pop("sound_text")  # ... and so do those pretrained before the sound descriptions
+    if not cfg.data.augment:
+        recipe["augment"] = False  # (augmented images, the default, leave older keys as they were)
     blob = json.dumps({"recipe": 4, "base": cfg.model.base, "seed": cfg.model.tiny_seed, "pretrain": recipe,
                        "samples": ids, "max_len": cfg.data.max_text_length}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -92,9 +94,10 @@ def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Samp
                          audio_token_id=-1, num_audio_tokens=0, family=base.family,
                          is_encoder_decoder=base.is_encoder_decoder, max_length=cfg.data.max_text_length)
     image_only = [dataclasses.replace(s, audio=None) for s in train]  # the sampler pools by audio presence
-    dataset = SAFEDataset(image_only, sampling_rate=16000, augment=cfg.data.augment, seed=cfg.train.seed)
+    # seeded by the base's own seed (in its cache key), not train.seed: SAFE runs with other seeds share the base
+    dataset = SAFEDataset(image_only, sampling_rate=16000, augment=cfg.data.augment, seed=cfg.model.tiny_seed)
     stream = BatchStream(dataset, proc.collate, batch_size=pre.batch_size, dataset_weights=None,
-                         seed=cfg.train.seed)
+                         seed=cfg.model.tiny_seed)
     stream.configure(0.0, None)
     steps = max(1, int(pre.epochs * stream.batches_per_epoch()))
     t0 = time.time()
