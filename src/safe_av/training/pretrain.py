@@ -89,10 +89,7 @@ def _build_tiny_base(cfg: SAFEConfig, train: list[Sample], vocabulary: list[Samp
     if vision and pre.vision.freeze:
         base.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    proc = SAFEProcessor(tokenizer=processor.tokenizer, image_processor=processor.image_processor,
-                         image_token_id=base.image_token_id, num_image_tokens=base.num_image_tokens,
-                         audio_token_id=-1, num_audio_tokens=0, family=base.family,
-                         is_encoder_decoder=base.is_encoder_decoder, max_length=cfg.data.max_text_length)
+    proc = _processor(cfg, base, audio_tokens=0)
     image_only = [dataclasses.replace(s, audio=None) for s in train]  # the sampler pools by audio presence
     # seeded by the base's own seed (in its cache key), not train.seed: SAFE runs with other seeds share the base
     dataset = SAFEDataset(image_only, sampling_rate=16000, augment=cfg.data.augment, seed=cfg.model.tiny_seed)
@@ -120,12 +117,7 @@ def _with_sound_text(cfg: SAFEConfig, base: BaseVL, vqa_batches, vqa_steps: int,
     """VQA batches interleaved with described-sound batches; the step count; a held-out report function."""
     pre, st = cfg.train.pretrain, cfg.train.pretrain.sound_text
     n_words = cfg.model.num_audio_tokens
-    proc = SAFEProcessor(tokenizer=base.tokenizer, image_processor=base.image_processor,
-                         image_token_id=base.image_token_id, num_image_tokens=base.num_image_tokens,
-                         audio_token_id=base.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN), num_audio_tokens=n_words,
-                         family=base.family, is_encoder_decoder=base.is_encoder_decoder,
-                         max_length=cfg.data.max_text_length, audio_position=cfg.model.audio_position)
-    collate = sound_text.described_collate(proc)
+    collate = sound_text.described_collate(_processor(cfg, base, audio_tokens=n_words))
     rows = sound_text.described_rows(st.scenes, st.seed, n_words)
     held = sound_text.described_rows(st.held_out_scenes, st.seed + 1, n_words)
     log.info("pretrain base: %d described-sound questions (%d scenes) interleaved at %.2f per VQA batch",
@@ -135,17 +127,28 @@ def _with_sound_text(cfg: SAFEConfig, base: BaseVL, vqa_batches, vqa_steps: int,
     mixed = sound_text.interleave(vqa_batches, described, st.share)
 
     def report() -> dict:
-        out = sound_text.held_out_accuracy(lambda b: _answer_logits(base, move_batch(b, device)), held, collate)
+        out = sound_text.held_out_accuracy(lambda b, first: _answer_logits(base, move_batch(b, device), first),
+                                           held, collate)
         log.info("pretrain base: held-out accuracy on described-sound questions %.3f", out["overall"])
         return out | {"scenes": st.scenes, "questions": len(rows), "held_out_questions": len(held)}
 
     return mixed, steps, report
 
 
-def _answer_logits(base: BaseVL, batch: dict) -> torch.Tensor:
-    """(B, V) logits predicting each row's first answer token."""
+def _processor(cfg: SAFEConfig, base: BaseVL, *, audio_tokens: int) -> SAFEProcessor:
+    """The base's text side for its pretraining batches; ``audio_tokens`` placeholders (the ``<audio>`` token,
+    where SAFE will put its audio tokens) that the sound descriptions fill, or none."""
+    return SAFEProcessor(tokenizer=base.tokenizer, image_processor=base.image_processor,
+                         image_token_id=base.image_token_id, num_image_tokens=base.num_image_tokens,
+                         audio_token_id=base.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) if audio_tokens else -1,
+                         num_audio_tokens=audio_tokens, family=base.family, is_encoder_decoder=base.is_encoder_decoder,
+                         max_length=cfg.data.max_text_length, audio_position=cfg.model.audio_position)
+
+
+def _answer_logits(base: BaseVL, batch: dict, first: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits predicting each row's first answer token (at ``first`` in its labels)."""
     labels = batch["labels"]
-    first = (labels != -100).float().argmax(1)
+    first = first.to(labels.device)
     rows = torch.arange(len(labels), device=labels.device)
     out = base.model(pixel_values=batch["images"], input_ids=batch["input_ids"],
                      attention_mask=batch["attention_mask"], labels=labels if base.is_encoder_decoder else None)

@@ -115,10 +115,10 @@ def batches(rows: list[dict], collate: Callable, batch_size: int, seed: int) -> 
 
 
 @torch.no_grad()
-def held_out_accuracy(answer_logits: Callable[[dict], torch.Tensor], rows: list[dict], collate: Callable,
-                      batch_size: int = 64) -> dict:
-    """First-answer-token accuracy per template and overall; ``answer_logits(batch)`` gives (B, V) logits at
-    the position that predicts each row's first answer token."""
+def held_out_accuracy(answer_logits: Callable[[dict, torch.Tensor], torch.Tensor], rows: list[dict],
+                      collate: Callable, batch_size: int = 64) -> dict:
+    """First-answer-token accuracy per template and overall; ``answer_logits(batch, first)`` gives the (B, V)
+    logits predicting each row's first answer token, ``labels[b, first[b]]``."""
     by_template = defaultdict(list)
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
@@ -126,7 +126,7 @@ def held_out_accuracy(answer_logits: Callable[[dict], torch.Tensor], rows: list[
         labels = batch["labels"]
         first = (labels != -100).float().argmax(1)
         target = labels[torch.arange(len(chunk)), first]
-        pred = answer_logits(batch).argmax(-1).cpu()
+        pred = answer_logits(batch, first).argmax(-1).cpu()
         for row, p, y in zip(chunk, pred.tolist(), target.tolist(), strict=True):
             by_template[row["template"]].append(p == y)
     overall = float(np.mean([v for hits in by_template.values() for v in hits]))
