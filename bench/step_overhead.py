@@ -10,7 +10,9 @@ train.pretrain.enabled=false), phase 2 (`fusion`: projector + fusion train), eve
   inputs_embeds + labels) and ``loss.backward()``, where ``inputs_embeds`` has ``requires_grad`` only on the
   audio-token positions: the frozen LM passing gradients back to its input tokens, no weight gradients.
 
-Also timed: SAFE forward+backward without the optimizer, and SAFE with on-line audio encoding (no cache).
+Also timed: SAFE forward+backward without the optimizer, SAFE with on-line audio encoding (no cache), and
+SAFE with ``model.frozen_prefix=false`` (the LM passes gradients through the image positions too, as the bare
+step does).
 Then a breakdown of the SAFE step by region (wall time of wrapped functions; CPU runs synchronously) and
 torch.profiler's top operators.
 
@@ -20,6 +22,7 @@ torch.profiler's top operators.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import sys
 import tempfile
@@ -114,6 +117,13 @@ def main() -> int:
     def safe_step_online():
         tr._optimizer_step(model, optim, sched, C.FixedStream(batch_online), w)
 
+    def safe_step_no_prefix():  # model.frozen_prefix=false: the image positions go through autograd too
+        tr.model.frozen_prefix = False
+        try:
+            safe_step()
+        finally:
+            tr.model.frozen_prefix = True
+
     def safe_fwd_bwd():
         b = move_batch(batch, tr.acc.device)
         loss, _ = tr.compute_loss(model, b, w)
@@ -145,7 +155,7 @@ def main() -> int:
 
     cpu: dict = {}
     times = C.interleaved({"bare": bare_step, "safe": safe_step, "safe_fwd_bwd": safe_fwd_bwd,
-                           "safe_online": safe_step_online}, warmup=args.warmup, reps=args.reps, cpu=cpu)
+                           "safe_online": safe_step_online, "safe_no_prefix": safe_step_no_prefix}, warmup=args.warmup, reps=args.reps, cpu=cpu)
     med = {k: C.median(v) for k, v in times.items()}
     cmed = {k: C.median(v) for k, v in cpu.items()}
     best = {k: min(v) for k, v in times.items()}
@@ -196,9 +206,18 @@ def main() -> int:
     from safe_av.flops import training_flops_per_step
 
     n_text = int(ids.shape[1]) - int((ids[0] == safe.base.image_token_id).sum()) - int(audio_pos[0].sum())
-    fl = training_flops_per_step(cfg, phase=phase_index, text_tokens=n_text)
+    prompt = am.bool() & ~audio_pos & (ids != safe.base.image_token_id) & (labels == -100)
+    n_prompt = int(prompt.sum(1).max())  # the fusion's packed prompt width in this batch
+    fl = training_flops_per_step(cfg, phase=phase_index, text_tokens=n_text, prompt_tokens=n_prompt)
     fl_safe = sum(r.flops for r in fl.rows if r.name.startswith("SAFE"))
-    floor = fl.total / (fl.total - fl_safe)
+    # the bare step passes gradients through every position (no frozen prefix)
+    cfg_bare = copy.deepcopy(cfg)
+    cfg_bare.model.frozen_prefix = False
+    fl_b = training_flops_per_step(cfg_bare, phase=phase_index, text_tokens=n_text, prompt_tokens=n_prompt)
+    bare_flops = fl_b.total - sum(r.flops for r in fl_b.rows if r.name.startswith("SAFE"))
+    floor = fl.total / bare_flops
+    floor_no_prefix = fl_b.total / bare_flops
+    parts_v = int((ids[0] == safe.base.image_token_id).sum())
 
     # ---- report
     bs = ids.shape[0]
@@ -206,7 +225,8 @@ def main() -> int:
     labels = {"bare": "bare transformers forward + backward-to-inputs",
               "safe": "**SAFE training step** (cached audio features)",
               "safe_fwd_bwd": "SAFE forward + backward only (no clip/AdamW/scheduler)",
-              "safe_online": "SAFE training step, on-line audio encoder (no cache)"}
+              "safe_online": "SAFE training step, on-line audio encoder (no cache)",
+              "safe_no_prefix": "SAFE training step, `model.frozen_prefix=false`"}
     rows = [[labels[k], ms(med[k]), f"{med[k] / med['bare']:.2f}", ms(best[k]), f"{best[k] / best['bare']:.2f}",
              ms(cmed[k]), f"{cmed[k] / cmed['bare']:.2f}"] for k in labels]
     rows[1] = [c if i in (0, 1, 3, 5) else f"**{c}**" for i, c in enumerate(rows[1])]
@@ -219,8 +239,10 @@ def main() -> int:
             f"Target SAFE step / bare step <= {TARGET}: {C.verdict(ratio <= TARGET)} (median wall {ratio:.2f}; "
             f"median process CPU time {cratio:.2f}, which other jobs on the machine disturb less).", "",
             f"FLOP floor of this comparison (`safe_av.flops`): SAFE {fl.total / 1e9:.2f} GFLOP per step vs bare "
-            f"{(fl.total - fl_safe) / 1e9:.2f} (projector + fusion, with the fusion's K/V over visual + prompt "
-            f"tokens): ratio **{floor:.2f}** before any overhead. The rest is per-operator cost at a step this "
+            f"{bare_flops / 1e9:.2f} (projector + fusion, with the fusion's K/V over {parts_v} visual + "
+            f"{n_prompt} prompt tokens per row; the {parts_v} image positions before the audio forward only): ratio "
+            f"**{floor:.2f}** before any overhead ({floor_no_prefix:.2f} with `model.frozen_prefix=false`, where "
+            f"the LM passes gradients through every position as the bare step does). The rest is per-operator cost at a step this "
             f"small: SAFE dispatches {n_ops - n_ops_b:.0f} more operators per step (most: "
             + ", ".join(f"{k.replace('aten::', '')} +{d:.0f}" for d, k in op_diff) + ").", "",
             f"Where the SAFE step's time goes (mean over {n_prof} steps, wall time of wrapped calls; nested rows "

@@ -114,7 +114,13 @@ def test_training_flops_tiny_rows_follow_the_formula():
     lm = rep.row("language model")
     n_lm = sum(m.weight.numel() for m in parts.lm_module.modules() if isinstance(m, nn.Linear))
     assert lm.params == n_lm and lm.mode == "input_grad"
-    assert lm.flops == 4 * n_lm * seq * b + 3 * 4 * seq * seq * parts.lm.q_dim * parts.lm.layers * b
+    # nothing in the base trains: the V image positions before the audio run forward only (frozen prefix)
+    v, qd, layers = parts.num_visual_tokens, parts.lm.q_dim, parts.lm.layers
+    assert lm.flops == (2 * n_lm * v * b + 4 * n_lm * (seq - v) * b + 4 * v * v * qd * layers * b
+                        + 3 * 4 * (seq - v) * seq * qd * layers * b)
+    cfg.model.frozen_prefix = False
+    lm = training_flops_per_step(cfg, phase=0, parts=parts).row("language model")
+    assert lm.flops == 4 * n_lm * seq * b + 3 * 4 * seq * seq * qd * layers * b
     proj = rep.row("SAFE projector")
     lin = [m.weight.numel() for m in parts.projector.modules() if isinstance(m, nn.Linear)]
     assert proj.flops == (4 * lin[0] + 6 * lin[1]) * cfg.model.num_audio_tokens * b
@@ -150,5 +156,24 @@ def test_real_preset_vision_flops_blip2():
     # ViT-g/14 at 224: 257 tokens; ~0.985e9 matmul weights -> 2 N t per image, + attention
     assert vis.params == pytest.approx(0.985e9, rel=0.01)
     assert vis.flops == pytest.approx(2 * vis.params * 257 * b, rel=0.05)
-    lm = rep.row("language model")
-    assert lm.flops == pytest.approx(4 * 2.65e9 * (32 + 8 + 32) * b, rel=0.05)
+    lm = rep.row("language model")  # the 32 query tokens before the audio: forward only (frozen prefix)
+    assert lm.flops == pytest.approx(4 * 2.65e9 * (8 + 32) * b + 2 * 2.65e9 * 32 * b, rel=0.05)
+
+
+def test_fusion_row_counts_the_visual_and_prompt_context_with_weight_gradients_only():
+    cfg = _tiny_cfg(base="tiny-blip2-opt", audio_encoder="tiny-clap")
+    from safe_av.info import build_parts
+
+    parts = build_parts(cfg)
+    d, k, v = parts.lm.hidden, cfg.model.num_audio_tokens, parts.num_visual_tokens
+    idx = next(i for i, p in enumerate(cfg.train.phases) if "fusion" in p.train and "projector" in p.train)
+    b = cfg.train.phases[idx].batch_size
+    n_q = 2 * d * d + 2 * cfg.model.fusion.ffn_mult * d * d
+    row = training_flops_per_step(cfg, phase=idx, parts=parts, text_tokens=20, answer_tokens=6).row("SAFE fusion")
+    ctx = v + 14  # the prompt: text less the answer (decoder-only)
+    assert row.flops == 6 * n_q * k * b + 4 * (2 * d * d) * ctx * b + 3 * 4 * k * ctx * d * b
+    explicit = training_flops_per_step(cfg, phase=idx, parts=parts, prompt_tokens=3).row("SAFE fusion")
+    assert explicit.flops == 6 * n_q * k * b + 4 * (2 * d * d) * (v + 3) * b + 3 * 4 * k * (v + 3) * d * b
+    cfg.model.fusion.attend_text = False  # visual tokens only
+    vis_only = training_flops_per_step(cfg, phase=idx, parts=parts).row("SAFE fusion")
+    assert vis_only.flops == 6 * n_q * k * b + 4 * (2 * d * d) * v * b + 3 * 4 * k * v * d * b

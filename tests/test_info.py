@@ -1,5 +1,6 @@
 """safe info: shipped architecture files, parameter counts vs published numbers, memory estimate."""
 
+import copy
 import socket
 
 import pytest
@@ -169,6 +170,8 @@ def test_lm_activation_formula_matches_autograd(base):
 
 def test_memory_levers_are_consistent():
     cfg, parts = parts_for("llava-1.5-7b")
+    cfg = copy.deepcopy(cfg)
+    cfg.model.frozen_prefix = False  # every position's activations kept: what checkpointing is measured against
     s = model_summary(cfg, parts=parts)
     lev = {m.lever: m for m in s.levers}
     base = lev["as configured"]
@@ -234,8 +237,33 @@ def test_predicted_peak_matches_h100_measurement(base, dtype, gc, batch, measure
     cfg.model.dtype, cfg.train.mixed_precision, cfg.model.gradient_checkpointing = dtype, "bf16", gc
     cfg.train.phases[-1].batch_size = batch
     cfg.loss.distillation = cfg.loss.retention = False
+    cfg.model.frozen_prefix = False  # measured before the frozen-prefix split existed (session 1)
     peak = model_summary(cfg, parts=parts_for(base)[1]).memory.peak / 2**30
     assert peak == pytest.approx(measured, rel=0.05)
+
+
+def test_frozen_prefix_keeps_only_the_image_tokens_keys_and_values():
+    """Nothing in the base trains: the LM keeps activations for the tokens after the image only, plus the
+    image tokens' keys/values (LLaVA: 576 image tokens of 616)."""
+    cfg, parts = parts_for("llava-1.5-7b")
+    cfg = copy.deepcopy(cfg)
+    cfg.loss.distillation = cfg.loss.retention = False
+    cfg.model.dtype, cfg.train.mixed_precision = "bfloat16", "bf16"
+    phase = next(i for i, p in enumerate(cfg.train.phases) if "base" not in p.train and "lora" not in p.train)
+    on = model_summary(cfg, parts=parts, phase=phase).memory
+    cfg.model.frozen_prefix = False
+    off = model_summary(cfg, parts=parts, phase=phase).memory
+    lm, b, v = parts.lm, cfg.train.phases[phase].batch_size, parts.num_visual_tokens
+    seq = v + cfg.model.num_audio_tokens + 32
+    full, _ = lm_activation_bytes(lm, b, seq, dtype_bytes=2)
+    suffix, _ = lm_activation_bytes(lm, b, seq - v, dtype_bytes=2)
+    assert off.activations - on.activations == pytest.approx(full - suffix - lm.layers * 2 * lm.kv_dim * v * 2 * b)
+    assert on.activations < 0.35 * off.activations
+    cfg.model.frozen_prefix = True
+    cfg.model.gradient_checkpointing = True  # transformers drops the cache under checkpointing: no split
+    gc_on = model_summary(cfg, parts=parts, phase=phase).memory
+    cfg.model.frozen_prefix = False
+    assert model_summary(cfg, parts=parts, phase=phase).memory.activations == gc_on.activations
 
 
 def test_teacher_pass_is_predicted_only_where_it_runs():

@@ -87,6 +87,10 @@ class ModelConfig:
     load_in: Literal["none", "8bit", "4bit"] = "none"
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    frozen_prefix: bool = True
+    """While nothing in the base trains, run the positions before the first audio token without autograd
+    (their keys/values cached for the rest): same outputs and gradients, no backward through the image
+    tokens and none of their activations kept (decoder-only LMs without gradient checkpointing)."""
     tiny_seed: int = 0
 
     def __post_init__(self):

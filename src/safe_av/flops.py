@@ -185,7 +185,8 @@ def _audio_flops(parts, clips: int) -> tuple[int, float]:
 
 
 def _lm_flops(parts, cfg: SAFEConfig, batch: int, seq: int, answer_tokens: int, lora_trains: bool,
-              recompute: bool) -> tuple[int, float]:
+              recompute: bool, prefix: int = 0) -> tuple[int, float]:
+    """``prefix`` (decoder-only): leading positions run without autograd (forward only)."""
     lm = parts.lm
     mod = parts.lm_module
     n_total, f = 0, 0.0
@@ -200,6 +201,9 @@ def _lm_flops(parts, cfg: SAFEConfig, batch: int, seq: int, answer_tokens: int, 
                 toks = seq
         else:
             toks = seq
+        if lm.kind == "decoder" and prefix:
+            f += matmul_flops(w, prefix * batch, "frozen")
+            toks = seq - prefix
         f += matmul_flops(w, toks * batch, "input_grad", recompute=recompute and not is_head)
         n_total += w
         if lora_targets and any(name == t or name.endswith("." + t) for t in lora_targets):
@@ -208,7 +212,8 @@ def _lm_flops(parts, cfg: SAFEConfig, batch: int, seq: int, answer_tokens: int, 
             f += matmul_flops(r * (in_f + out_f), toks * batch, "trainable" if lora_trains else "input_grad",
                               recompute=recompute)
     if lm.kind == "decoder":
-        f += attention_flops(seq, seq, lm.q_dim, layers=lm.layers, sequences=batch, mode="input_grad",
+        f += attention_flops(prefix, prefix, lm.q_dim, layers=lm.layers, sequences=batch, mode="frozen")
+        f += attention_flops(seq - prefix, seq, lm.q_dim, layers=lm.layers, sequences=batch, mode="input_grad",
                              recompute=recompute)
     else:
         f += attention_flops(seq, seq, lm.q_dim, layers=lm.layers, sequences=batch, mode="input_grad",
@@ -226,7 +231,7 @@ def _shape(module: nn.Module, name: str) -> tuple[int, int]:
 
 
 def training_flops_per_step(cfg: SAFEConfig, *, phase: int | None = None, text_tokens: int = 32,
-                            answer_tokens: int = 8, parts=None) -> FlopsReport:
+                            answer_tokens: int = 8, prompt_tokens: int | None = None, parts=None) -> FlopsReport:
     """Matmul FLOPs of one optimizer step (batch of the phase, every sample with an image and audio).
 
     The frozen vision path and audio encoder cost 2N per token (no gradient), unless the phase unfreezes
@@ -234,8 +239,15 @@ def training_flops_per_step(cfg: SAFEConfig, *, phase: int | None = None, text_t
     costs nothing when ``data.feature_cache`` is set (features are read from disk). The LM costs 4N per
     token (it passes gradients back to the audio tokens), SAFE's trainable parts 6N; gradient
     checkpointing (``model.gradient_checkpointing``) adds one forward of the LM layers.
+
+    With ``model.frozen_prefix`` the positions before the audio tokens cost 2N (forward only, see
+    ``info.frozen_prefix_tokens``) while nothing in the base trains.
+
+    The fusion's keys and values cover the visual tokens and (``model.fusion.attend_text``) the prompt's
+    ``prompt_tokens`` (default: the text tokens less the answer for decoder-only models, all of them for
+    encoder-decoder ones); they need a weight gradient only (the context is frozen).
     """
-    from safe_av.info import _pick_phase, build_parts, phase_trainability
+    from safe_av.info import _pick_phase, build_parts, frozen_prefix_tokens, phase_trainability
 
     idx, ph = _pick_phase(cfg, phase)
     parts = parts or build_parts(cfg)
@@ -285,11 +297,16 @@ def training_flops_per_step(cfg: SAFEConfig, *, phase: int | None = None, text_t
         mult = cfg.model.fusion.ffn_mult
         mode = "trainable" if tr.fusion else ("input_grad" if tr.projector else "frozen")
         n_q_side = d * d + d * d + 2 * mult * d * d  # q in-proj, out-proj, FFN (per audio token)
-        n_kv = 2 * d * d  # k, v in-proj (per visual token)
-        f = matmul_flops(n_q_side, k * b, mode) + matmul_flops(n_kv, v * b, mode)
-        f += attention_flops(k, v, d, sequences=b, mode=mode)
+        n_kv = 2 * d * d  # k, v in-proj (per context token)
+        if prompt_tokens is None:
+            prompt_tokens = text_tokens if parts.lm.kind != "decoder" else max(text_tokens - answer_tokens, 0)
+        ctx = v + (prompt_tokens if cfg.model.fusion.attend_text else 0)
+        kv_mode = "weight_grad" if tr.fusion else "frozen"  # the context needs no gradient
+        f = matmul_flops(n_q_side, k * b, mode) + matmul_flops(n_kv, ctx * b, kv_mode)
+        f += attention_flops(k, ctx, d, sequences=b, mode=mode)
         rows.append(FlopsRow("SAFE fusion", n_q_side + n_kv, mode, f))
-    n, f = _lm_flops(parts, cfg, b, seq, answer_tokens, tr.lora, recompute)
+    prefix = frozen_prefix_tokens(cfg, tr, parts.lm.kind, v, text_tokens, answer_tokens, checkpointing=recompute)
+    n, f = _lm_flops(parts, cfg, b, seq, answer_tokens, tr.lora, recompute, min(prefix, seq))
     rows.append(FlopsRow("language model", n, "input_grad", f))
     return FlopsReport(rows, b, ph.name)
 

@@ -616,6 +616,18 @@ class Setting:
     mixed_precision: str
 
 
+def frozen_prefix_tokens(cfg: SAFEConfig, tr: Trainability, lm_kind: str, visual_tokens: int, text_tokens: int,
+                         answer_tokens: int, *, checkpointing: bool) -> int:
+    """How many leading LM positions run without autograd in a phase (``SAFEModel._frozen_prefix``): those
+    before the audio tokens - the visual tokens (``after_image``) or the visual tokens and the prompt
+    (``before_answer``) - when ``model.frozen_prefix`` is on, the LM is decoder-only, nothing in the base
+    trains and there is no gradient checkpointing; else 0. Unpadded rows (a batch's shortest padding)."""
+    if not cfg.model.frozen_prefix or lm_kind != "decoder" or checkpointing or tr.lora or tr.unfrozen:
+        return 0
+    prompt = max(text_tokens - answer_tokens, 0)
+    return visual_tokens + (prompt if cfg.model.audio_position == "before_answer" else 0)
+
+
 def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfig, batch: int,
                       text_tokens: int, answer_tokens: int) -> tuple[float, float]:
     """(stored activations, backward transient) in bytes for one training step."""
@@ -631,10 +643,12 @@ def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfi
     seq = v + k + text_tokens
     out_seq = seq if lm.kind == "decoder" else answer_tokens
     lora_in = sum(i + cfg.model.lora.r for i, _ in parts.lora_linears) if (tr.lora and parts.lora_linears) else 0
-    lm_stored, lm_transient = lm_activation_bytes(lm, batch, seq, dtype_bytes=e, eager=eager,
+    # the positions before the audio tokens run without autograd; the rest's attention keeps their keys/values
+    prefix = frozen_prefix_tokens(cfg, tr, lm.kind, v, text_tokens, answer_tokens, checkpointing=gc)
+    lm_stored, lm_transient = lm_activation_bytes(lm, batch, seq - prefix, dtype_bytes=e, eager=eager,
                                                   answer_tokens=answer_tokens, checkpointing=gc,
                                                   lora_inputs_per_token=lora_in)
-    stored += lm_stored
+    stored += lm_stored + lm.layers * 2 * lm.kv_dim * prefix * e * batch
     transient += lm_transient
     rows = teacher_rows(tr.teacher_share, batch)
     if rows:

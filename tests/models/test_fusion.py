@@ -38,3 +38,53 @@ def test_gate_scale_keeps_closed_gates_closed():
     out.sum().backward()
     # the gates get gradient, scaled by gate_scale
     assert fusion.attn_gate.grad.abs().item() > 0 and fusion.ffn_gate.grad.abs().item() > 0
+
+
+def test_packed_context_gives_the_same_output_as_the_masked_full_context():
+    """SAFEModel packs each row's prompt tokens to the front and drops the masked rest: same attention."""
+    from safe_av.models.safe_model import _pack
+
+    torch.manual_seed(0)
+    d = 16
+    fusion = FusionLayer(d, num_heads=2, dropout=0.0).eval()
+    with torch.no_grad():
+        fusion.attn_gate.fill_(1.0)
+        fusion.ffn_gate.fill_(0.5)
+    x, ctx = torch.randn(4, 3, d), torch.randn(4, 9, d)
+    keep = torch.zeros(4, 9, dtype=torch.bool)
+    keep[0, [1, 2, 7]] = True  # holes
+    keep[1, 3:9] = True
+    keep[2, 0] = True
+    # row 3 keeps nothing: it attends to nothing, whichever way
+    packed, packed_keep = _pack(ctx, keep)
+    assert packed.shape == (4, 6, d) and packed_keep.sum(1).tolist() == [3, 6, 1, 0]
+    assert torch.equal(packed[0, :3], ctx[0, [1, 2, 7]])  # in order
+    with torch.no_grad():
+        want = fusion(x, ctx, keep)
+        got = fusion(x, packed, packed_keep)
+        alone = x[3] + torch.tanh(fusion.ffn_gate) * fusion.feedforward(fusion.norm2(x[3]))  # no attention
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[3], alone, atol=1e-6, rtol=1e-6)
+
+
+def test_context_norm_gain_and_bias_of_an_old_adapter_fold_into_the_kv_projection():
+    from safe_av.models.fusion import fold_context_norm
+
+    torch.manual_seed(0)
+    d = 16
+    old = FusionLayer(d, num_heads=2, dropout=0.0).eval()
+    old.norm_visual = nn.LayerNorm(d)  # the layout before: its own gain and bias
+    with torch.no_grad():
+        old.norm_visual.weight.uniform_(0.5, 2.0)
+        old.norm_visual.bias.normal_()
+        old.attn_gate.fill_(1.0)
+    state = {f"fusion.{k}": v for k, v in old.state_dict().items()}
+    fold_context_norm(state)
+    assert "fusion.norm_visual.weight" not in state and "fusion.norm_visual.bias" not in state
+    new = FusionLayer(d, num_heads=2, dropout=0.0).eval()
+    new.load_state_dict({k.removeprefix("fusion."): v for k, v in state.items()})  # strict: nothing left over
+    x, ctx = torch.randn(2, 3, d), torch.randn(2, 5, d)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x, ctx, keep), old(x, ctx, keep), atol=1e-5, rtol=1e-5)
+    assert not any("norm_visual" in n for n, _ in new.named_parameters())

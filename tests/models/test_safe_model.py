@@ -278,3 +278,61 @@ def test_projector_input_statistics_are_saved_with_the_adapter(tiny_models, rng,
     batch = _batch(model, rng)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+@pytest.mark.parametrize("family", ["tiny-blip2-opt", "tiny-llava"])
+def test_frozen_prefix_split_gives_the_same_loss_logits_and_gradients(tiny_models, rng, family, monkeypatch):
+    """Positions before the first <audio> column run without autograd (cached keys/values): same numbers."""
+    cfg, vl, enc = tiny_models(family)
+    torch.manual_seed(0)
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64, fusion_dropout=0.0,
+                      projector_dropout=0.0).train()
+    model.set_trainable(projector=True, fusion=True)
+    with torch.no_grad():
+        model.fusion.attn_gate.fill_(0.5)
+        model.fusion.ffn_gate.fill_(0.5)
+    batch = _batch(model, rng)
+    seen = []
+    lm = model.base.language_model
+
+    def spy(*a, **k):
+        seen.append(k.get("frozen_prefix", 0))
+        return lm(*a, **k)
+
+    monkeypatch.setattr(model.base, "language_model", spy)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.trainable_parameters().items()}
+
+    split, g_split = run()
+    first_audio = int((batch["input_ids"] == model.audio_token_id).any(0).nonzero()[0, 0])
+    assert seen[-1] == first_audio > 0  # the image tokens (and padding) before the audio ran without autograd
+    monkeypatch.setattr(model, "_frozen_prefix", lambda inputs: 0)
+    whole, g_whole = run()
+    assert seen[-1] == 0
+    torch.testing.assert_close(split.loss, whole.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split.logits, whole.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(split.hidden, whole.hidden, atol=1e-4, rtol=1e-4)
+    for n in g_whole:
+        torch.testing.assert_close(g_split[n], g_whole[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_no_frozen_prefix_when_the_base_trains_or_without_autograd(tiny_models, rng):
+    cfg, vl, enc = tiny_models("tiny-llava")
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64).train()
+    batch = _batch(model, rng)
+    model.set_trainable(projector=True, fusion=True)
+    assert model._frozen_prefix(model.build_inputs(**batch)) > 0
+    with torch.no_grad():  # evaluation, the teacher: nothing to save
+        assert model._frozen_prefix(model.build_inputs(**batch)) == 0
+    try:
+        model.set_trainable(projector=True, fusion=True, unfreeze=["multi_modal_projector"])
+        assert model._frozen_prefix(model.build_inputs(**batch)) == 0  # the image tokens now need gradients
+        model.set_trainable(projector=True, fusion=True, lora=True)  # LoRA would be no-op here, still: base trains
+        assert model.base_trains and model._frozen_prefix(model.build_inputs(**batch)) == 0
+    finally:
+        model.set_trainable(projector=True, fusion=True)
+        model.base.model.requires_grad_(False)

@@ -8,6 +8,7 @@ placeholders are filled, which is why the no-audio path matches the plain model 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,13 @@ class BaseVL(nn.Module):
                     "language_projection": self.model.language_projection}
         return {"vision_tower": self.vision_tower, "multi_modal_projector": self.model.model.multi_modal_projector}
 
+    @property
+    def checkpointing(self) -> bool:
+        """Whether transformers' gradient (activation) checkpointing is on for the model."""
+        name = ("is_activation_checkpointing" if hasattr(type(self.model), "is_activation_checkpointing")
+                else "is_gradient_checkpointing")
+        return bool(getattr(self.model, name, False))
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, L, D) with the language model's own embedding table."""
         return self.model.get_input_embeddings()(input_ids)
@@ -111,13 +119,18 @@ class BaseVL(nn.Module):
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
     def language_model(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *,
-                       labels: torch.Tensor | None = None) -> LMOutput:
+                       labels: torch.Tensor | None = None, frozen_prefix: int = 0) -> LMOutput:
         """Run the language model on embeddings.
 
         Args:
             inputs_embeds: (B, L, D); for encoder-decoder models the encoder input.
             attention_mask: (B, L).
             labels: encoder-decoder only: (B, T) decoder targets (the decoder input is them shifted right).
+            frozen_prefix: decoder-only: the first ``frozen_prefix`` positions need no gradient (nothing in them
+                or before them trains: the caller's promise). They run first without autograd and the rest
+                attends to their cached keys/values, so the backward pass never goes through them and their
+                activations are not kept: the same outputs (up to float rounding), less work and memory
+                (LLaVA's 576 image tokens before the audio, BLIP-2's 32). 0: one plain call.
         """
         if self.is_encoder_decoder:
             lm = self.model.language_model
@@ -126,14 +139,25 @@ class BaseVL(nn.Module):
             return LMOutput(logits=out.logits, hidden=out.decoder_hidden_states[-1])
         # Positions from the mask, so a left-padded row sees the same positions as it would unpadded.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if self.family == "blip2":
-            out = self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                            position_ids=position_ids, output_hidden_states=True,
-                                            return_dict=True)
-        else:
-            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                             output_hidden_states=True, return_dict=True)
-        return LMOutput(logits=out.logits, hidden=out.hidden_states[-1])
+        lm = self.model.language_model if self.family == "blip2" else self.model
+        c = int(frozen_prefix)
+        if c <= 0 or c >= inputs_embeds.shape[1]:
+            out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                     output_hidden_states=True, return_dict=True)
+            return LMOutput(logits=out.logits, hidden=out.hidden_states[-1])
+        with torch.no_grad():
+            head = lm(inputs_embeds=inputs_embeds[:, :c], attention_mask=attention_mask[:, :c],
+                      position_ids=position_ids[:, :c], use_cache=True, output_hidden_states=True, return_dict=True)
+        # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version has
+        cache_arg = self.__dict__.get("_cache_arg")
+        if cache_arg is None:
+            cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+            self.__dict__["_cache_arg"] = cache_arg
+        cache = head.cache if hasattr(head, "cache") else head.past_key_values
+        out = lm(inputs_embeds=inputs_embeds[:, c:], attention_mask=attention_mask, position_ids=position_ids[:, c:],
+                 use_cache=True, output_hidden_states=True, return_dict=True, **{cache_arg: cache})
+        return LMOutput(logits=torch.cat([head.logits, out.logits], 1),
+                        hidden=torch.cat([head.hidden_states[-1], out.hidden_states[-1]], 1))
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:

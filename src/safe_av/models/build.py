@@ -46,5 +46,5 @@ def build_safe_model(cfg: ModelConfig, *, base: BaseVL | None = None, audio_enco
         audio_position=cfg.audio_position,
         fusion_text=cfg.fusion.attend_text,
         projector_trainable=projector_trainable, fusion_trainable=fusion_trainable and cfg.fusion.enabled,
-        unfreeze=unfreeze, lora=lora_config(cfg),
+        unfreeze=unfreeze, lora=lora_config(cfg), frozen_prefix=cfg.frozen_prefix,
     )

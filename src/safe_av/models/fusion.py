@@ -34,7 +34,11 @@ class FusionLayer(nn.Module):
             raise ValueError(f"model.fusion.num_heads={num_heads}: must divide the language model's hidden "
                              f"size {hidden_dim}")
         self.norm1 = nn.LayerNorm(hidden_dim)
-        self.norm_visual = nn.LayerNorm(hidden_dim)
+        # The context's norm has no gain/bias of its own: the k/v projection right after it already has them
+        # (W(g*x + b) + c = (W diag g) x + (W b + c)). With them, training would also need the gradient of
+        # the k/v projection's *input* (one more matmul over every context token per step) for nothing it
+        # could not learn anyway. Adapters saved with them load folded (``fold_context_norm``).
+        self.norm_visual = nn.LayerNorm(hidden_dim, elementwise_affine=False)
         # cross-attention as three linears + torch's scaled_dot_product_attention: the same parameters and
         # maths as nn.MultiheadAttention, without its per-call packing/checking ops (a measurable share of a
         # small adapter's step, bench/step_overhead.py)
@@ -97,3 +101,20 @@ class FusionLayer(nn.Module):
         else:
             out = nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(b, k, d)), weights
+
+
+def fold_context_norm(state_dict: dict, prefix: str = "fusion.") -> None:
+    """In place: fold the context norm's gain and bias of an adapter saved before it lost them into the k/v
+    projection, ``kv_proj(g * n + b) = (W * g) n + (W b + c)`` for the normalised context ``n``: same outputs.
+    """
+    gain, bias = state_dict.pop(prefix + "norm_visual.weight", None), state_dict.pop(prefix + "norm_visual.bias", None)
+    if gain is None and bias is None:
+        return
+    w_key, b_key = prefix + "kv_proj.weight", prefix + "kv_proj.bias"
+    if w_key not in state_dict:
+        return
+    weight = state_dict[w_key]
+    if bias is not None and b_key in state_dict:
+        state_dict[b_key] = state_dict[b_key] + weight @ bias.to(weight.dtype)
+    if gain is not None:
+        state_dict[w_key] = weight * gain.to(weight.dtype)

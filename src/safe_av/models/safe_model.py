@@ -21,7 +21,7 @@ from torch import nn
 
 from safe_av.models.audio_encoders import AudioEncoder, masked_pool
 from safe_av.models.base_vl import BaseVL
-from safe_av.models.fusion import FusionLayer
+from safe_av.models.fusion import FusionLayer, fold_context_norm
 from safe_av.models.presets import AUDIO_TOKEN
 from safe_av.models.projector import AudioProjector
 
@@ -65,6 +65,9 @@ class SAFEModel(nn.Module):
         projector_trainable, fusion_trainable: whether these train now.
         unfreeze: names of base sub-modules to train (e.g. ``qformer``, ``multi_modal_projector``).
         lora: a ``peft.LoraConfig`` to inject LoRA adapters into the language model (trainable).
+        frozen_prefix: allow the language model to run the positions before the audio tokens without
+            autograd while nothing in the base trains (see :meth:`_frozen_prefix`); a run-time choice, not
+            saved with the adapter.
     """
 
     def __init__(self, base: BaseVL, audio_encoder: AudioEncoder, *, num_audio_tokens: int = 8,
@@ -72,7 +75,7 @@ class SAFEModel(nn.Module):
                  fusion_heads: int = 8, fusion_ffn_mult: int = 4, fusion_dropout: float = 0.1,
                  fusion_gate_scale: float = 1.0, audio_position: str = "after_image",
                  fusion_text: bool = True, projector_trainable: bool = True, fusion_trainable: bool = True,
-                 unfreeze: list[str] | tuple[str, ...] = (), lora=None):
+                 unfreeze: list[str] | tuple[str, ...] = (), lora=None, frozen_prefix: bool = True):
         super().__init__()
         self.base = base
         self.audio_encoder = audio_encoder
@@ -98,6 +101,7 @@ class SAFEModel(nn.Module):
         if audio_position not in ("after_image", "before_answer"):
             raise ValueError(f"audio_position={audio_position!r}: use 'after_image' or 'before_answer'")
         self.audio_position = audio_position
+        self.frozen_prefix = frozen_prefix
         self.anchors: dict[str, torch.Tensor] = {}
         self.set_trainable(projector=projector_trainable, fusion=fusion_trainable, unfreeze=unfreeze,
                            lora=lora is not None)
@@ -133,6 +137,7 @@ class SAFEModel(nn.Module):
         elif fusion:
             raise ValueError("fusion_trainable=True but the model was built without a fusion layer")
         self.unfrozen = list(unfreeze)
+        self.base_trains = bool(self.unfrozen) or lora  # anything inside the base model (see _frozen_prefix)
         self.unfrozen_ever = list(dict.fromkeys(getattr(self, "unfrozen_ever", []) + self.unfrozen))
         for name in self.unfrozen:
             module = self._base_module(name)
@@ -214,9 +219,10 @@ class SAFEModel(nn.Module):
         return tokens, weights
 
     def _fusion_context(self, embeds, input_ids, attention_mask, labels, visual, has_images, has_audio):
-        """Per audio sample: its visual tokens, then its prompt's embeddings (never the answer).
+        """Per audio sample: its visual tokens, then its prompt's embeddings in order (never the answer).
 
         Returns (N_audio, C, D) and a (N_audio, C) validity mask, or (None, None) without a fusion layer.
+        C = V + the longest prompt in the batch (padding, placeholders and the answer are left out, not masked).
         """
         if self.fusion is None:
             return None, None
@@ -230,8 +236,9 @@ class SAFEModel(nn.Module):
             prompt = attention_mask.bool() & (input_ids != self.audio_token_id) & (input_ids != self.base.image_token_id)
             if labels is not None and labels.shape == input_ids.shape:  # decoder-only: the answer is in the input
                 prompt &= labels == -100
-            parts.append(embeds[has_audio].detach())
-            masks.append(prompt[has_audio])
+            text, text_mask = _pack(embeds[has_audio].detach(), prompt[has_audio])
+            parts.append(text)
+            masks.append(text_mask)
         if not parts:
             return None, None
         return torch.cat(parts, 1), torch.cat(masks, 1)
@@ -285,7 +292,8 @@ class SAFEModel(nn.Module):
 
         Returns:
             dict with ``embeds`` (B, L', D), ``attention_mask``, ``labels``, ``visual`` (N_img, V, D) or None,
-            ``attention`` (N_audio, K, V) or None.
+            ``attention`` (N_audio, K, C) or None, ``input_ids`` (B, L'; without the audio placeholders when
+            ``use_audio`` is False).
         """
         b, device = input_ids.shape[0], input_ids.device
         has_images = has_images if has_images is not None else torch.zeros(b, dtype=torch.bool, device=device)
@@ -316,7 +324,25 @@ class SAFEModel(nn.Module):
                                                   need_weights=need_attention)
             embeds = self._fill(embeds, input_ids == self.audio_token_id, tokens, AUDIO_TOKEN)
         return dict(embeds=embeds, attention_mask=attention_mask, labels=labels, visual=visual,
-                    attention=attention)
+                    attention=attention, input_ids=input_ids)
+
+    def _frozen_prefix(self, inputs: dict) -> int:
+        """How many leading positions of the language model's input need no gradient: those before the first
+        ``<audio>`` column of the batch, when nothing in the base model trains (its language model, LoRA and
+        vision path frozen) and autograd is on. Their states depend on nothing that trains, so the language
+        model runs them without autograd (``BaseVL.language_model(frozen_prefix=)``). 0 when that does not
+        hold: encoder-decoder models (the encoder is bidirectional), gradient checkpointing (transformers
+        turns the key/value cache off under it), no audio in the batch, anything in the base training, or
+        ``model.frozen_prefix=false``.
+        """
+        embeds, visual = inputs["embeds"], inputs["visual"]
+        if (not self.frozen_prefix or not torch.is_grad_enabled() or not embeds.requires_grad
+                or self.base.is_encoder_decoder
+                or self.base_trains or (visual is not None and visual.requires_grad)
+                or self.base.checkpointing):
+            return 0
+        columns = (inputs["input_ids"] == self.audio_token_id).any(0).nonzero()
+        return int(columns[0, 0]) if len(columns) else 0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 **batch) -> SAFEOutput:
@@ -324,7 +350,8 @@ class SAFEModel(nn.Module):
         inputs = self.build_inputs(input_ids, attention_mask, labels, **batch)
         labels = inputs["labels"]
         # step 4: the frozen language model
-        out = self.base.language_model(inputs["embeds"], inputs["attention_mask"], labels=labels)
+        out = self.base.language_model(inputs["embeds"], inputs["attention_mask"], labels=labels,
+                                       frozen_prefix=self._frozen_prefix(inputs))
         token_logits, token_labels, token_hidden, loss = out.logits, labels, out.hidden, None
         if labels is not None:
             if not self.base.is_encoder_decoder:  # position t predicts token t+1
@@ -453,6 +480,7 @@ class SAFEModel(nn.Module):
                                     "fusion_gate_scale", "audio_position") if k in cfg}
         model = cls(base, audio_encoder, **arch, unfreeze=cfg.get("unfreeze", []), lora=lora)
         state = load_file(str(w_file))
+        fold_context_norm(state)  # adapters saved while the fusion's context norm had its own gain and bias
         params = dict(model.named_parameters()) | dict(model.named_buffers())
         unknown = sorted(set(state) - set(params))
         if unknown:
@@ -465,6 +493,21 @@ class SAFEModel(nn.Module):
                 params[name].copy_(tensor)
         model.sync_lora_active()
         return model
+
+
+def _pack(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's kept positions to its front, in order, and cut the width to the longest row's count.
+
+    ``x`` (N, L, D), ``keep`` (N, L) bool -> (N, P, D) and its (N, P) mask, P = max kept per row. The fusion's
+    keys and values are then computed for the prompt's tokens only, not for the padding, placeholders and
+    answer a mask would hide anyway (about half of a demo row): the same attention output, less work.
+    """
+    if keep.shape[0] == 0:
+        return x[:, :0], keep[:, :0]
+    width = int(keep.sum(1).max())
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]  # kept positions first
+    packed = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return packed, keep.gather(1, order)
 
 
 def _jsonable(obj):

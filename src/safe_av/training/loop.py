@@ -438,7 +438,7 @@ class Trainer:
                 sums[k] = sums[k] + v if k in sums else v
         if self.acc.num_processes > 1:  # one rank's non-finite loss skips the step on all of them
             finite_t = self.acc.gather(finite_t.reshape(1).float()).min() > 0
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for group in optim.param_groups for p in group["params"]]  # the trained ones, no model walk
         grad_norm = torch.as_tensor(self.acc.clip_grad_norm_(params, cfg.train.optim.grad_clip), device=self.acc.device)
         host = torch.stack([finite_t.float(), grad_norm.float(), *sums.values()]).tolist()  # the one sync
         finite = host[0] > 0
