@@ -182,50 +182,30 @@ def check(name: str, args, tmp: Path) -> dict:
         if bool(tr._distill_rows(batch).any()):
             break
     n_distill = int(tr._distill_rows(batch).sum())
-    step = lambda: tr._optimizer_step(tr.ddp_model, optim, sched, C.FixedStream(batch), w)  # noqa: E731
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync()
-        t = time.perf_counter()
-        logs = step()
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-    step_s = C.median(times)
-    peak = torch.cuda.max_memory_allocated() if cuda else None
+    def run(weights, warmup: int, steps: int):
+        """Median step time and peak allocated memory (None on CPU) over ``steps`` steps after ``warmup``."""
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times, logs = [], None
+        for i in range(warmup + steps):
+            sync()
+            t = time.perf_counter()
+            logs = tr._optimizer_step(tr.ddp_model, optim, sched, C.FixedStream(batch), weights)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+        return C.median(times), (torch.cuda.max_memory_allocated() if cuda else None), logs
+
+    step_s, peak, logs = run(w, args.warmup, args.steps)
     # the same model and batch with distillation + retention off (Q3 at real size)
     from dataclasses import replace
 
-    w_off = replace(w, beta=0.0, gamma=0.0)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times_off = []
-    for i in range(1 + max(2, args.steps // 2)):
-        sync()
-        t = time.perf_counter()
-        tr._optimizer_step(tr.ddp_model, optim, sched, C.FixedStream(batch), w_off)
-        sync()
-        if i >= 1:
-            times_off.append(time.perf_counter() - t)
-    step_off = C.median(times_off)
-    peak_off = torch.cuda.max_memory_allocated() if cuda else None
+    short = max(2, args.steps // 2)
+    step_off, peak_off, _ = run(replace(w, beta=0.0, gamma=0.0), 1, short)
     # the same with model.frozen_prefix off: the LM's backward also runs through the image positions
     tr.model.frozen_prefix = False
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times_np = []
-    for i in range(1 + max(2, args.steps // 2)):
-        sync()
-        t = time.perf_counter()
-        tr._optimizer_step(tr.ddp_model, optim, sched, C.FixedStream(batch), w)
-        sync()
-        if i >= 1:
-            times_np.append(time.perf_counter() - t)
+    step_np, peak_np, _ = run(w, 1, short)
     tr.model.frozen_prefix = True
-    step_np = C.median(times_np)
-    peak_np = torch.cuda.max_memory_allocated() if cuda else None
     bs, seq = batch["input_ids"].shape
     v, k = tr.model.base.num_image_tokens, tr.model.num_audio_tokens
     text = int(seq - v - k)

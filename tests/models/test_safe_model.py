@@ -280,13 +280,15 @@ def test_projector_input_statistics_are_saved_with_the_adapter(tiny_models, rng,
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
 
 
-@pytest.mark.parametrize("family", ["tiny-blip2-opt", "tiny-llava"])
-def test_frozen_prefix_split_gives_the_same_loss_logits_and_gradients(tiny_models, rng, family, monkeypatch):
+@pytest.mark.parametrize("family,position", [("tiny-blip2-opt", "after_image"), ("tiny-llava", "after_image"),
+                                             ("tiny-blip2-opt", "before_answer")])
+def test_frozen_prefix_split_gives_the_same_loss_logits_and_gradients(tiny_models, rng, family, position,
+                                                                      monkeypatch):
     """Positions before the first <audio> column run without autograd (cached keys/values): same numbers."""
     cfg, vl, enc = tiny_models(family)
     torch.manual_seed(0)
     model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64, fusion_dropout=0.0,
-                      projector_dropout=0.0).train()
+                      projector_dropout=0.0, audio_position=position).train()
     model.set_trainable(projector=True, fusion=True)
     with torch.no_grad():
         model.fusion.attn_gate.fill_(0.5)
@@ -336,3 +338,29 @@ def test_no_frozen_prefix_when_the_base_trains_or_without_autograd(tiny_models, 
     finally:
         model.set_trainable(projector=True, fusion=True)
         model.base.model.requires_grad_(False)
+
+
+def test_adapter_saved_with_a_context_norm_gain_and_bias_loads_folded(tiny_models, rng, tmp_path):
+    """Adapters written before the fusion's context norm lost its gain/bias load with them folded into kv_proj."""
+    from safetensors.torch import load_file, save_file
+
+    cfg, vl, enc = tiny_models("tiny-blip2-opt")
+    torch.manual_seed(0)
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64).eval()
+    with torch.no_grad():
+        model.fusion.attn_gate.fill_(1.0)
+    model.save_pretrained(tmp_path / "a")
+    # rewrite the file as the old layout: gain g and bias b on the norm, kv_proj holding W and c with
+    # W g = the saved weight and W b + c = the saved bias
+    state = load_file(str(tmp_path / "a" / "adapter.safetensors"))
+    g = torch.rand(vl.hidden_size) + 0.5
+    b = torch.randn(vl.hidden_size) * 0.1
+    w_old = state["fusion.kv_proj.weight"] / g
+    state["fusion.kv_proj.bias"] = state["fusion.kv_proj.bias"] - w_old @ b
+    state["fusion.kv_proj.weight"] = w_old
+    state["fusion.norm_visual.weight"], state["fusion.norm_visual.bias"] = g, b
+    save_file(state, str(tmp_path / "a" / "adapter.safetensors"))
+    loaded = SAFEModel.from_pretrained(tmp_path / "a", base=vl, audio_encoder=enc).eval()
+    batch = _batch(model, rng)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-4, rtol=1e-4)
