@@ -114,11 +114,14 @@ def test_training_flops_tiny_rows_follow_the_formula():
     lm = rep.row("language model")
     n_lm = sum(m.weight.numel() for m in parts.lm_module.modules() if isinstance(m, nn.Linear))
     assert lm.params == n_lm and lm.mode == "input_grad"
-    # nothing in the base trains: the V image positions before the audio run forward only (frozen prefix)
+    # nothing in the base trains: the V image positions before the audio run forward only (frozen prefix);
+    # the LM head runs on the answer's 8 positions + 1 only (label_logits_only)
     v, qd, layers = parts.num_visual_tokens, parts.lm.q_dim, parts.lm.layers
-    assert lm.flops == (2 * n_lm * v * b + 4 * n_lm * (seq - v) * b + 4 * v * v * qd * layers * b
+    head = parts.lm.vocab * parts.lm.hidden
+    body = n_lm - head
+    assert lm.flops == (2 * body * v * b + 4 * body * (seq - v) * b + 4 * head * 9 * b + 4 * v * v * qd * layers * b
                         + 3 * 4 * (seq - v) * seq * qd * layers * b)
-    cfg.model.frozen_prefix = False
+    cfg.model.frozen_prefix = cfg.model.label_logits_only = False
     lm = training_flops_per_step(cfg, phase=0, parts=parts).row("language model")
     assert lm.flops == 4 * n_lm * seq * b + 3 * 4 * seq * seq * qd * layers * b
     proj = rep.row("SAFE projector")

@@ -237,7 +237,8 @@ def test_predicted_peak_matches_h100_measurement(base, dtype, gc, batch, measure
     cfg.model.dtype, cfg.train.mixed_precision, cfg.model.gradient_checkpointing = dtype, "bf16", gc
     cfg.train.phases[-1].batch_size = batch
     cfg.loss.distillation = cfg.loss.retention = False
-    cfg.model.frozen_prefix = False  # measured before the frozen-prefix split existed (session 1)
+    # measured before the frozen-prefix split and the label-window logits existed (session 1)
+    cfg.model.frozen_prefix = cfg.model.label_logits_only = False
     peak = model_summary(cfg, parts=parts_for(base)[1]).memory.peak / 2**30
     assert peak == pytest.approx(measured, rel=0.05)
 
@@ -351,8 +352,9 @@ def test_teacher_transient_scales_with_distilled_rows():
     assert "4 of 16 rows" in format_table(s[1]) and "no distilled rows" in format_table(s[0])
     lm, e = parts.lm, 4  # fp32 demo
     seq = 8 + cfg.model.num_audio_tokens + 32  # image, audio and text tokens
-    per_row = ((lm.layers + 1) * lm.hidden + max(lm.ffn, 3 * lm.hidden) + lm.vocab) * seq * e
-    logits_grad = lm.vocab * seq * 4 * 16
+    head = 8 + 1  # logits from the position before the (8) answer tokens only (model.label_logits_only)
+    per_row = (((lm.layers + 1) * lm.hidden + max(lm.ffn, 3 * lm.hidden)) * seq + lm.vocab * head) * e
+    logits_grad = lm.vocab * head * 4 * 16
     for x in s[1:]:
         assert x.memory.transient == pytest.approx(per_row * x.teacher_rows + logits_grad)
 

@@ -91,6 +91,10 @@ class ModelConfig:
     """While nothing in the base trains, run the positions before the first audio token without autograd
     (their keys/values cached for the rest): same outputs and gradients, no backward through the image
     tokens and none of their activations kept (decoder-only LMs without gradient checkpointing)."""
+    label_logits_only: bool = True
+    """The training step runs the LM head only from the position before the batch's first labelled token
+    (decoder-only; the answer is at the end of every right-aligned row): the same losses, none of the
+    (B, L, vocab) logits of the image and prompt positions (student and teacher)."""
     tiny_seed: int = 0
 
     def __post_init__(self):

@@ -201,7 +201,9 @@ def _lm_flops(parts, cfg: SAFEConfig, batch: int, seq: int, answer_tokens: int, 
                 toks = seq
         else:
             toks = seq
-        if lm.kind == "decoder" and prefix:
+        if lm.kind == "decoder" and is_head and cfg.model.label_logits_only:
+            toks = min(seq, answer_tokens + 1)  # the head runs from the position before the first label only
+        elif lm.kind == "decoder" and prefix:
             f += matmul_flops(w, prefix * batch, "frozen")
             toks = seq - prefix
         f += matmul_flops(w, toks * batch, "input_grad", recompute=recompute and not is_head)
@@ -241,7 +243,8 @@ def training_flops_per_step(cfg: SAFEConfig, *, phase: int | None = None, text_t
     checkpointing (``model.gradient_checkpointing``) adds one forward of the LM layers.
 
     With ``model.frozen_prefix`` the positions before the audio tokens cost 2N (forward only, see
-    ``info.frozen_prefix_tokens``) while nothing in the base trains.
+    ``info.frozen_prefix_tokens``) while nothing in the base trains. With ``model.label_logits_only`` a
+    decoder's LM head runs on ``answer_tokens + 1`` positions only.
 
     The fusion's keys and values cover the visual tokens and (``model.fusion.attend_text``) the prompt's
     ``prompt_tokens`` (default: the text tokens less the answer for decoder-only models, all of them for

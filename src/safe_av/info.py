@@ -642,6 +642,8 @@ def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfi
     # language model
     seq = v + k + text_tokens
     out_seq = seq if lm.kind == "decoder" else answer_tokens
+    # the LM head runs from the position before the first label only (model.label_logits_only): the answer
+    logit_seq = min(seq, answer_tokens + 1) if (lm.kind == "decoder" and cfg.model.label_logits_only) else out_seq
     lora_in = sum(i + cfg.model.lora.r for i, _ in parts.lora_linears) if (tr.lora and parts.lora_linears) else 0
     # the positions before the audio tokens run without autograd; the rest's attention keeps their keys/values
     prefix = frozen_prefix_tokens(cfg, tr, lm.kind, v, text_tokens, answer_tokens, checkpointing=gc)
@@ -656,7 +658,7 @@ def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfi
         # layer's hidden states (output_hidden_states) plus one layer's intermediates and its logits, for
         # the distilled rows only (the expected number of them, see teacher_row_share)
         n_states = lm.layers + 1 if lm.kind == "decoder" else lm.decoder_layers + 1
-        teacher = (n_states * lm.hidden + max(lm.ffn, 3 * lm.hidden) + lm.vocab) * out_seq * e * rows
+        teacher = ((n_states * lm.hidden + max(lm.ffn, 3 * lm.hidden)) * out_seq + lm.vocab * logit_seq) * e * rows
         transient = max(transient, teacher)
     # autocast with weights stored in another dtype (fp32 weights + bf16 autocast): every frozen LM matmul
     # runs on a bf16 copy of its weight, and autograd keeps that copy to pass gradients back (2 B/param)
@@ -670,8 +672,8 @@ def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfi
         if gc:
             transient += 2 * body / n_layers
     logit_bytes = e + (4 if e != 4 else 0) + 4  # logits, their fp32 copy, log-softmax output
-    stored += lm.vocab * out_seq * logit_bytes * batch
-    transient += lm.vocab * out_seq * 4 * batch  # gradient of the fp32 logits
+    stored += lm.vocab * logit_seq * logit_bytes * batch
+    transient += lm.vocab * logit_seq * 4 * batch  # gradient of the fp32 logits
     # SAFE parts (fp32 modules; matmul outputs follow autocast)
     h = cfg.model.projector.hidden_dim
     if tr.projector or tr.fusion:

@@ -101,3 +101,31 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(small_corpus, tmp
     events = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [e["reason"] for e in events if e.get("event") == "skipped_step"] == ["non-finite loss"] * 3
     assert all(torch.isfinite(v).all() for v in trainer.model.projector.state_dict().values())
+
+
+def test_label_window_logits_leave_every_loss_part_unchanged(small_corpus, tmp_path):
+    """model.label_logits_only: the LM head (student and teacher) runs only from the position before the
+    first label; task, distillation and retention losses are the same as with logits everywhere."""
+    from safe_av.data.text import move_batch
+
+    cfg = tiny_train_config(small_corpus, tmp_path, **{"data.feature_cache": f"{tmp_path}/f",
+                                                       "model.projector.dropout": 0.0, "model.fusion.dropout": 0.0})
+    tr = Trainer(cfg, tmp_path / "run")
+    tr.setup()
+    tr.curriculum, tr.fisher = tr._build_curriculum(), None
+    _, _, stream, _ = tr._start_phase(2)  # language_projection unfrozen: the teacher uses its anchor weights
+    w = tr._weights(cfg.train.phases[2])
+    assert w.beta > 0 and w.gamma > 0
+    for _ in range(30):
+        batch = stream.next()
+        if not batch.get("empty") and bool(tr._distill_rows(batch).any()) and bool(batch["has_audio"].any()):
+            break
+    batch = move_batch(batch, tr.acc.device)
+    assert tr.model.logits_start(batch) > 0
+    parts = {}
+    for on in (True, False):
+        cfg.model.label_logits_only = on
+        _, parts[on] = tr.compute_loss(tr.ddp_model, batch, w)
+    assert {"task", "distill", "retention"} <= set(parts[True]) == set(parts[False])
+    for k in parts[False]:
+        torch.testing.assert_close(parts[True][k], parts[False][k], atol=1e-5, rtol=1e-5, msg=k)

@@ -364,3 +364,37 @@ def test_adapter_saved_with_a_context_norm_gain_and_bias_loads_folded(tiny_model
     batch = _batch(model, rng)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family,prefix", [("tiny-blip2-opt", True), ("tiny-blip2-opt", False), ("tiny-llava", True)])
+def test_logits_from_the_first_label_give_the_same_loss_and_token_outputs(tiny_models, rng, family, prefix):
+    """The training step runs the LM head only from the position before the first label: same numbers."""
+    cfg, vl, enc = tiny_models(family)
+    torch.manual_seed(0)
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64, fusion_dropout=0.0, projector_dropout=0.0,
+                      frozen_prefix=prefix).train()
+    model.set_trainable(projector=True, fusion=True)
+    batch = _batch(model, rng)
+    start = model.logits_start(batch)
+    first = int((batch["labels"] != -100).any(0).nonzero()[0, 0])
+    assert start == first - 1 > 0
+    full, cut = model(**batch), model(**batch, logits_from=start)
+    assert cut.logits.shape[1] == batch["input_ids"].shape[1] - start
+    torch.testing.assert_close(cut.loss, full.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cut.logits, full.logits[:, start:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cut.token_logits, full.token_logits[:, start:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cut.token_hidden, full.token_hidden[:, start:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(cut.token_labels, full.token_labels[:, start:])
+    # the teacher, given the student's start, lines up with it position by position
+    teacher = model.teacher_forward(batch, logits_from=start)
+    assert teacher.token_logits.shape == cut.token_logits.shape
+    torch.testing.assert_close(teacher.token_logits, model.teacher_forward(batch).token_logits[:, start:],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_logits_start_is_none_for_encoder_decoder_models_and_without_labels(tiny_models, rng):
+    cfg, vl, enc = tiny_models("tiny-blip2-t5")
+    model = SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64).eval()
+    batch = _batch(model, rng)
+    assert model.logits_start(batch) is None
+    assert model.logits_start({k: v for k, v in batch.items() if k != "labels"}) is None

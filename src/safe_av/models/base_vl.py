@@ -119,7 +119,8 @@ class BaseVL(nn.Module):
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
     def language_model(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *,
-                       labels: torch.Tensor | None = None, frozen_prefix: int = 0) -> LMOutput:
+                       labels: torch.Tensor | None = None, frozen_prefix: int = 0,
+                       logits_to_keep: int = 0) -> LMOutput:
         """Run the language model on embeddings.
 
         Args:
@@ -131,6 +132,8 @@ class BaseVL(nn.Module):
                 attends to their cached keys/values, so the backward pass never goes through them and their
                 activations are not kept: the same outputs (up to float rounding), less work and memory
                 (LLaVA's 576 image tokens before the audio, BLIP-2's 32). 0: one plain call.
+            logits_to_keep: decoder-only: logits for the last ``logits_to_keep`` positions only (transformers'
+                own argument: the LM head never runs on the rest); 0 = all. Hidden states are always complete.
         """
         if self.is_encoder_decoder:
             lm = self.model.language_model
@@ -140,14 +143,19 @@ class BaseVL(nn.Module):
         # Positions from the mask, so a left-padded row sees the same positions as it would unpadded.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         lm = self.model.language_model if self.family == "blip2" else self.model
-        c = int(frozen_prefix)
-        if c <= 0 or c >= inputs_embeds.shape[1]:
+        length, c, keep = inputs_embeds.shape[1], int(frozen_prefix), int(logits_to_keep)
+        keep = 0 if keep >= length else max(keep, 0)
+        if c <= 0 or c >= length:
             out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                     output_hidden_states=True, return_dict=True)
+                     output_hidden_states=True, return_dict=True, logits_to_keep=keep)
             return LMOutput(logits=out.logits, hidden=out.hidden_states[-1])
+        rest = length - c
+        # logits from the prefix only when the kept window reaches into it (1 = the fewest transformers allows)
+        head_keep = 0 if keep == 0 else (keep - rest if keep > rest else 1)
         with torch.no_grad():
             head = lm(inputs_embeds=inputs_embeds[:, :c], attention_mask=attention_mask[:, :c],
-                      position_ids=position_ids[:, :c], use_cache=True, output_hidden_states=True, return_dict=True)
+                      position_ids=position_ids[:, :c], use_cache=True, output_hidden_states=True, return_dict=True,
+                      logits_to_keep=head_keep)
         # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version has
         cache_arg = self.__dict__.get("_cache_arg")
         if cache_arg is None:
@@ -155,9 +163,10 @@ class BaseVL(nn.Module):
             self.__dict__["_cache_arg"] = cache_arg
         cache = head.cache if hasattr(head, "cache") else head.past_key_values
         out = lm(inputs_embeds=inputs_embeds[:, c:], attention_mask=attention_mask, position_ids=position_ids[:, c:],
-                 use_cache=True, output_hidden_states=True, return_dict=True, **{cache_arg: cache})
-        return LMOutput(logits=torch.cat([head.logits, out.logits], 1),
-                        hidden=torch.cat([head.hidden_states[-1], out.hidden_states[-1]], 1))
+                 use_cache=True, output_hidden_states=True, return_dict=True,
+                 logits_to_keep=keep if 0 < keep <= rest else 0, **{cache_arg: cache})
+        logits = out.logits if 0 < keep <= rest else torch.cat([head.logits, out.logits], 1)
+        return LMOutput(logits=logits, hidden=torch.cat([head.hidden_states[-1], out.hidden_states[-1]], 1))
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -345,22 +345,41 @@ class SAFEModel(nn.Module):
         return int(columns[0, 0]) if len(columns) else 0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                **batch) -> SAFEOutput:
-        """Run SAFE on a collated batch (see :meth:`build_inputs` for the arguments)."""
+                *, logits_from: int | None = None, **batch) -> SAFEOutput:
+        """Run SAFE on a collated batch (see :meth:`build_inputs` for the arguments).
+
+        ``logits_from`` (decoder-only): compute the LM head only from this position on (the training step
+        passes :meth:`logits_start`: no label before it); ``logits`` then covers those positions only and
+        ``token_*`` are cut to match, with the same loss.
+        """
         inputs = self.build_inputs(input_ids, attention_mask, labels, **batch)
         labels = inputs["labels"]
+        length = inputs["embeds"].shape[1]
+        keep = length - logits_from if (logits_from and not self.base.is_encoder_decoder) else 0
         # step 4: the frozen language model
         out = self.base.language_model(inputs["embeds"], inputs["attention_mask"], labels=labels,
-                                       frozen_prefix=self._frozen_prefix(inputs))
+                                       frozen_prefix=self._frozen_prefix(inputs), logits_to_keep=keep)
         token_logits, token_labels, token_hidden, loss = out.logits, labels, out.hidden, None
         if labels is not None:
             if not self.base.is_encoder_decoder:  # position t predicts token t+1
-                token_logits, token_labels, token_hidden = out.logits[:, :-1], labels[:, 1:], out.hidden[:, :-1]
+                start = length - out.logits.shape[1]  # the first position with logits
+                token_logits, token_labels = out.logits[:, :-1], labels[:, start + 1:]
+                token_hidden = out.hidden[:, start:-1]
             loss = F.cross_entropy(token_logits.float().reshape(-1, token_logits.shape[-1]),
                                    token_labels.reshape(-1), ignore_index=-100)
         return SAFEOutput(loss=loss, logits=out.logits, hidden=out.hidden, token_logits=token_logits,
                           token_labels=token_labels, token_hidden=token_hidden, visual_tokens=inputs["visual"],
                           attention=inputs["attention"])
+
+    def logits_start(self, batch: dict) -> int | None:
+        """The first position whose logits a training step needs (decoder-only: the one before the batch's
+        first labelled token); ``None`` for encoder-decoder models or without labels. Student and teacher
+        rows are right-aligned with the same width, so the teacher takes the same value."""
+        labels, ids = batch.get("labels"), batch.get("input_ids")
+        if labels is None or self.base.is_encoder_decoder or labels.shape != ids.shape:
+            return None
+        columns = (labels != -100).any(0).nonzero()
+        return max(int(columns[0, 0]) - 1, 0) if len(columns) else None
 
     @staticmethod
     def _fill(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor, what: str) -> torch.Tensor:
@@ -393,16 +412,17 @@ class SAFEModel(nn.Module):
         return all(k.startswith(lm) for k in self.anchors)
 
     @torch.no_grad()
-    def teacher_forward(self, batch: dict, *, visual_tokens: torch.Tensor | None = None) -> SAFEOutput:
+    def teacher_forward(self, batch: dict, *, visual_tokens: torch.Tensor | None = None,
+                        logits_from: int | None = None) -> SAFEOutput:
         """The original VL model's outputs, from this same module (DESIGN invariant 4).
 
         Audio dropped, LoRA adapters disabled, unfrozen base modules called with their anchor
         (original) weights through ``torch.func.functional_call`` - no second copy of the model.
         ``visual_tokens``: the student's vision-path output for ``batch["images"]``; used (instead of running
         the frozen vision path again) when no module before the language model was ever unfrozen, so the
-        student's visual tokens are the original ones.
+        student's visual tokens are the original ones. ``logits_from``: as in :meth:`forward` (the student's).
         """
-        kwargs = dict(batch, use_audio=False)
+        kwargs = dict(batch, use_audio=False, logits_from=logits_from)
         if visual_tokens is not None and self.vision_path_original():
             kwargs["visual_tokens"] = visual_tokens.detach()
         with self.adapters_disabled():

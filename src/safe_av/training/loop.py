@@ -255,7 +255,9 @@ class Trainer:
         return rows if base_trains else rows & has_audio
 
     def compute_loss(self, model, batch: dict, w: LossWeights) -> tuple[torch.Tensor, dict]:
-        out = model(**batch)
+        # the LM head only where a loss reads it: from the position before the first label (model.label_logits_only)
+        start = self.model.logits_start(batch) if self.cfg.model.label_logits_only else None
+        out = model(**batch, logits_from=start)
         parts = {"task": out.loss}
         rows = self._distill_rows(batch)
         if (w.beta > 0 or w.gamma > 0) and bool(rows.any()):
@@ -263,7 +265,7 @@ class Trainer:
             visual = out.visual_tokens
             if visual is not None:  # the student's visual tokens of the distilled rows (rows with an image)
                 visual = visual[rows[batch["has_images"]]]
-            teacher = self.model.teacher_forward(_select_rows(batch, rows), visual_tokens=visual)
+            teacher = self.model.teacher_forward(_select_rows(batch, rows), visual_tokens=visual, logits_from=start)
             mask = out.token_labels[rows] != -100
             if w.gamma > 0:
                 parts["distill"] = distillation_loss(out.token_logits[rows], teacher.token_logits, mask,
