@@ -61,8 +61,8 @@ def build(data: Path, cache: Path, out: Path, mode: str):
         shell._modules["base"] = teacher_base
 
         @torch.no_grad()
-        def naive_teacher(b, visual_tokens=None):  # a second model runs its own vision path: nothing to reuse
-            return shell(**dict(b, use_audio=False))
+        def naive_teacher(b, visual_tokens=None, logits_from=None):  # a second model: its own vision path
+            return shell(**dict(b, use_audio=False, logits_from=logits_from))
 
         tr.model.teacher_forward = naive_teacher
     return tr, optim, sched, batch, w, teacher_base
