@@ -243,7 +243,7 @@ def write_section(name: str, title: str, body: str) -> None:
     blocks = {m: re.search(rf"<!-- BEGIN {re.escape(m)} -->\n.*?<!-- END {re.escape(m)} -->\n", text,
                            flags=re.S).group(0) for m in sections}
     blocks[name] = block
-    order = ["step_overhead", "feature_cache", "distillation", "data_loading", "memory_prediction", "gpu_check"]
+    order = ["step_overhead", "frozen_prefix", "feature_cache", "distillation", "data_loading", "memory_prediction", "gpu_check"]
     names = sorted(blocks, key=lambda k: order.index(k) if k in order else len(order))
     RESULTS.write_text(head + "\n" + "\n".join(blocks[k] for k in names))
 

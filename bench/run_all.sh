@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-for b in step_overhead feature_cache distillation data_loading memory_prediction; do
+for b in step_overhead frozen_prefix feature_cache distillation data_loading memory_prediction; do
   echo "== bench/$b.py"
   start=$(date +%s)
   "$PY" "bench/$b.py"
