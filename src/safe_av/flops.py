@@ -187,22 +187,21 @@ def _audio_flops(parts, clips: int) -> tuple[int, float]:
 def _lm_flops(parts, cfg: SAFEConfig, batch: int, seq: int, answer_tokens: int, lora_trains: bool,
               recompute: bool, prefix: int = 0) -> tuple[int, float]:
     """``prefix`` (decoder-only): leading positions run without autograd (forward only)."""
+    from safe_av.info import logit_positions
+
     lm = parts.lm
     mod = parts.lm_module
     n_total, f = 0, 0.0
     lora_targets = list(cfg.model.lora.target_modules) if cfg.model.lora.enabled else []
     for name, w in _linears(mod):
         is_head = name.split(".")[-1] == "lm_head"
-        if lm.kind == "decoder":
-            toks = seq
-        elif is_head or name.startswith("decoder."):
-            toks = answer_tokens
-            if "EncDecAttention" in name and (name.endswith(".k") or name.endswith(".v")):
-                toks = seq
-        else:
-            toks = seq
-        if lm.kind == "decoder" and is_head and cfg.model.label_logits_only:
-            toks = min(seq, answer_tokens + 1)  # the head runs from the position before the first label only
+        toks = seq
+        if is_head:
+            toks = logit_positions(cfg, lm.kind, seq, answer_tokens)  # never in the frozen prefix
+        elif lm.kind != "decoder" and name.startswith("decoder."):
+            # the decoder runs on the answer; its cross-attention keys/values on the encoder's tokens
+            cross_kv = "EncDecAttention" in name and (name.endswith(".k") or name.endswith(".v"))
+            toks = seq if cross_kv else answer_tokens
         elif lm.kind == "decoder" and prefix:
             f += matmul_flops(w, prefix * batch, "frozen")
             toks = seq - prefix

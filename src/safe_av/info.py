@@ -628,6 +628,14 @@ def frozen_prefix_tokens(cfg: SAFEConfig, tr: Trainability, lm_kind: str, visual
     return visual_tokens + (prompt if cfg.model.audio_position == "before_answer" else 0)
 
 
+def logit_positions(cfg: SAFEConfig, lm_kind: str, seq: int, answer_tokens: int) -> int:
+    """Positions the LM head runs on in a training step: a decoder's answer and the position before it with
+    ``model.label_logits_only`` (``SAFEModel.logits_start``), else all ``seq``; an encoder-decoder's answer."""
+    if lm_kind != "decoder":
+        return answer_tokens
+    return min(seq, answer_tokens + 1) if cfg.model.label_logits_only else seq
+
+
 def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfig, batch: int,
                       text_tokens: int, answer_tokens: int) -> tuple[float, float]:
     """(stored activations, backward transient) in bytes for one training step."""
@@ -642,8 +650,7 @@ def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfi
     # language model
     seq = v + k + text_tokens
     out_seq = seq if lm.kind == "decoder" else answer_tokens
-    # the LM head runs from the position before the first label only (model.label_logits_only): the answer
-    logit_seq = min(seq, answer_tokens + 1) if (lm.kind == "decoder" and cfg.model.label_logits_only) else out_seq
+    logit_seq = logit_positions(cfg, lm.kind, seq, answer_tokens)
     lora_in = sum(i + cfg.model.lora.r for i, _ in parts.lora_linears) if (tr.lora and parts.lora_linears) else 0
     # the positions before the audio tokens run without autograd; the rest's attention keeps their keys/values
     prefix = frozen_prefix_tokens(cfg, tr, lm.kind, v, text_tokens, answer_tokens, checkpointing=gc)

@@ -8,6 +8,7 @@ placeholders are filled, which is why the no-audio path matches the plain model 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -96,6 +97,12 @@ class BaseVL(nn.Module):
                     "language_projection": self.model.language_projection}
         return {"vision_tower": self.vision_tower, "multi_modal_projector": self.model.model.multi_modal_projector}
 
+    @functools.cached_property
+    def _cache_keyword(self) -> str:
+        """transformers renamed the language model's ``past_key_values`` argument to ``cache`` during 5.x."""
+        lm = self.model.language_model if self.family == "blip2" else self.model
+        return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
     @property
     def checkpointing(self) -> bool:
         """Whether transformers' gradient (activation) checkpointing is on for the model."""
@@ -156,15 +163,10 @@ class BaseVL(nn.Module):
             head = lm(inputs_embeds=inputs_embeds[:, :c], attention_mask=attention_mask[:, :c],
                       position_ids=position_ids[:, :c], use_cache=True, output_hidden_states=True, return_dict=True,
                       logits_to_keep=head_keep)
-        # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version has
-        cache_arg = self.__dict__.get("_cache_arg")
-        if cache_arg is None:
-            cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-            self.__dict__["_cache_arg"] = cache_arg
         cache = head.cache if hasattr(head, "cache") else head.past_key_values
         out = lm(inputs_embeds=inputs_embeds[:, c:], attention_mask=attention_mask, position_ids=position_ids[:, c:],
                  use_cache=True, output_hidden_states=True, return_dict=True,
-                 logits_to_keep=keep if 0 < keep <= rest else 0, **{cache_arg: cache})
+                 logits_to_keep=keep if 0 < keep <= rest else 0, **{self._cache_keyword: cache})
         logits = out.logits if 0 < keep <= rest else torch.cat([head.logits, out.logits], 1)
         return LMOutput(logits=logits, hidden=torch.cat([head.hidden_states[-1], out.hidden_states[-1]], 1))
 

@@ -254,8 +254,7 @@ class SAFEModel(nn.Module):
         keep = input_ids != self.audio_token_id
         if keep.all():
             return input_ids, attention_mask, labels
-        key = keep.int() if self.base.padding_side == "left" else (~keep).int()
-        order = torch.argsort(key, dim=1, stable=True)
+        order = _kept_order(keep, front=self.base.padding_side != "left")
         ids = input_ids.gather(1, order)
         kept = keep.gather(1, order)
         pad = self.base.tokenizer.pad_token_id
@@ -341,8 +340,8 @@ class SAFEModel(nn.Module):
                 or self.base_trains or (visual is not None and visual.requires_grad)
                 or self.base.checkpointing):
             return 0
-        columns = (inputs["input_ids"] == self.audio_token_id).any(0).nonzero()
-        return int(columns[0, 0]) if len(columns) else 0
+        first = _first_column(inputs["input_ids"] == self.audio_token_id)
+        return 0 if first is None else first
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 *, logits_from: int | None = None, **batch) -> SAFEOutput:
@@ -378,8 +377,8 @@ class SAFEModel(nn.Module):
         labels, ids = batch.get("labels"), batch.get("input_ids")
         if labels is None or self.base.is_encoder_decoder or labels.shape != ids.shape:
             return None
-        columns = (labels != -100).any(0).nonzero()
-        return max(int(columns[0, 0]) - 1, 0) if len(columns) else None
+        first = _first_column(labels != -100)
+        return None if first is None else max(first - 1, 0)
 
     @staticmethod
     def _fill(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor, what: str) -> torch.Tensor:
@@ -525,9 +524,22 @@ def _pack(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     if keep.shape[0] == 0:
         return x[:, :0], keep[:, :0]
     width = int(keep.sum(1).max())
-    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]  # kept positions first
+    order = _kept_order(keep, front=True)[:, :width]
     packed = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     return packed, keep.gather(1, order)
+
+
+def _kept_order(keep: torch.Tensor, *, front: bool) -> torch.Tensor:
+    """(N, L) indices that move each row's kept positions to its front (``front``) or its end, each group in
+    its original order (a stable sort of the keep flags)."""
+    key = (~keep if front else keep).to(torch.uint8)
+    return torch.argsort(key, dim=1, stable=True)
+
+
+def _first_column(mask: torch.Tensor) -> int | None:
+    """The first column of a (B, L) bool mask that is set in any row, or None."""
+    columns = mask.any(0).nonzero()
+    return int(columns[0, 0]) if len(columns) else None
 
 
 def _jsonable(obj):
