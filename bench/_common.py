@@ -146,6 +146,36 @@ class FixedStream:
         return dict(self.batch)
 
 
+class FusionPhaseStep:
+    """The demo's phase 2 (projector + fusion train) with distillation and retention off, random weights, data in
+    a temp folder, and one collated batch with image + audio in every row: ``step()`` is one
+    ``Trainer._optimizer_step`` on that batch; ``step(frozen_prefix=False)`` the same with the prefix off."""
+
+    def __init__(self, name: str, *overrides: str):
+        import tempfile
+
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        self.cfg = demo_config(self.tmp / "data", *SMALL_CORPUS, "loss.distillation=false", "loss.retention=false",
+                               *overrides, feature_cache=self.tmp / "cache")
+        self.tr = make_trainer(self.cfg, self.tmp / "run")
+        self.phase_index = 1
+        self.phase = self.cfg.train.phases[self.phase_index]
+        self.optim, self.sched, self.stream, _ = self.tr._start_phase(self.phase_index)
+        self.batch = audio_batch(self.stream)
+        self.tr.ddp_model.train()
+        self.weights = self.tr._weights(self.phase)
+        assert self.weights.beta == 0 and self.weights.gamma == 0, self.weights
+
+    def step(self, batch: dict | None = None, *, frozen_prefix: bool = True) -> None:
+        model = self.tr.model
+        model.frozen_prefix = frozen_prefix
+        try:
+            self.tr._optimizer_step(self.tr.ddp_model, self.optim, self.sched, FixedStream(batch or self.batch),
+                                    self.weights)
+        finally:
+            model.frozen_prefix = True
+
+
 def audio_batch(stream, *, need_images: bool = True, tries: int = 50) -> dict:
     """The next batch of ``stream`` in which every sample has audio (and an image)."""
     stream.configure(1.0, None)

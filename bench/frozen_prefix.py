@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,25 +22,12 @@ BASES = {"tiny-blip2-opt": "demo's tiny BLIP-2 OPT", "tiny-llava": "tiny LLaVA"}
 
 
 def measure(base: str, args) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
-    cfg = C.demo_config(tmp / "data", *C.SMALL_CORPUS, "loss.distillation=false", "loss.retention=false",
-                        f"model.base={base}", feature_cache=tmp / "cache")
-    tr = C.make_trainer(cfg, tmp / "run")
-    optim, sched, stream, _ = tr._start_phase(1)
-    batch = C.audio_batch(stream)
-    tr.ddp_model.train()
-    w = tr._weights(cfg.train.phases[1])
-    inputs = tr.model.build_inputs(**batch)
-    prefix = tr.model._frozen_prefix(inputs)
+    run = C.FusionPhaseStep("prefix", f"model.base={base}")
+    batch = run.batch
+    prefix = run.tr.model._frozen_prefix(run.tr.model.build_inputs(**batch))
 
     def step(on: bool):
-        def run():
-            tr.model.frozen_prefix = on
-            try:
-                tr._optimizer_step(tr.ddp_model, optim, sched, C.FixedStream(batch), w)
-            finally:
-                tr.model.frozen_prefix = True
-        return run
+        return lambda: run.step(frozen_prefix=on)
 
     cpu: dict = {}
     times = C.interleaved({"on": step(True), "off": step(False)}, warmup=args.warmup, reps=args.reps, cpu=cpu)

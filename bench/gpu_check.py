@@ -243,6 +243,22 @@ def check(name: str, args, tmp: Path) -> dict:
 C_GIB = 2**30
 
 
+def _versus(results: list[dict], a: str, b: str) -> str:
+    """Per model: step time and peak of setting ``a`` over setting ``b`` (result-key suffixes; "" = default),
+    with the prediction of each peak."""
+    out = []
+    for r in results:
+        if "error" in r:
+            continue
+        text = f"{r['model']}: step x{r['step_s' + a] / r['step_s' + b]:.2f}"
+        pa, pb = r.get("peak_allocated_gib" + a), r.get("peak_allocated_gib" + b)
+        if pa is not None and pb is not None:
+            pred = lambda k: f" (predicted {r['predicted_peak_gib' + k]:.2f})" if "predicted_peak_gib" + k in r else ""  # noqa: E731
+            text += f", peak {pa:.2f}{pred(a)} vs {pb:.2f} GiB{pred(b)} (x{pa / pb:.3f})"
+        out.append(text)
+    return "; ".join(out)
+
+
 def predict_only(args) -> int:
     """Predicted peaks for the real sizes (CPU, no weights): compare with a recorded GPU measurement."""
     from safe_av.info import build_parts, model_summary
@@ -308,18 +324,9 @@ def main() -> int:
             C.md_table(["model", "device", "batch x seq", "grad ckpt", "step", "samples/s", "peak allocated",
                         "predicted peak", "predicted / measured", "FLOPs/step", "MFU"], rows), "",
             "Distillation + retention vs off, same model and batch: "
-            + "; ".join(f"{r['model']}: step x{r['step_s'] / r['step_s_no_distill']:.2f}"
-                        + ("" if r["peak_allocated_gib"] is None else
-                           f", peak {r['peak_allocated_gib']:.2f} vs {r['peak_allocated_gib_no_distill']:.2f} GiB "
-                           f"(x{r['peak_allocated_gib'] / r['peak_allocated_gib_no_distill']:.3f})")
-                        for r in results if "error" not in r) + ".", "",
-            "`model.frozen_prefix=false` (the LM's backward also runs through the image positions), same model "
-            "and batch, distillation on: "
-            + "; ".join(f"{r['model']}: step x{r['step_s_no_prefix'] / r['step_s']:.2f} of the default"
-                        + ("" if r["peak_allocated_gib_no_prefix"] is None else
-                           f", peak {r['peak_allocated_gib_no_prefix']:.2f} GiB (predicted "
-                           f"{r['predicted_peak_gib_no_prefix']:.2f}) vs {r['peak_allocated_gib']:.2f} GiB")
-                        for r in results if "error" not in r) + ".", "",
+            + _versus(results, "", "_no_distill") + ".", "",
+            "`model.frozen_prefix=false` (the LM's backward also runs through the image positions) vs the default "
+            "(on), same model and batch, distillation on: " + _versus(results, "_no_prefix", "") + ".", "",
             "FLOPs per step are `safe_av.flops.training_flops_per_step` (the distillation teacher's extra LM "
             "forward is not counted, so MFU is a slight under-estimate)."]
     text = C.report("gpu_check", "6. GPU check (real-size architectures, random weights)", body,

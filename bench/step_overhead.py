@@ -25,7 +25,6 @@ import argparse
 import copy
 import functools
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -91,14 +90,9 @@ def main() -> int:
     from safe_av.training import loop
     from safe_av.training.data import SAFEDataset
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
-    cfg = C.demo_config(tmp / "data", *C.SMALL_CORPUS, "loss.distillation=false", "loss.retention=false",
-                        feature_cache=tmp / "cache")
-    tr = C.make_trainer(cfg, tmp / "run")
-    phase_index = 1
-    phase = cfg.train.phases[phase_index]
-    optim, sched, stream, _ = tr._start_phase(phase_index)
-    batch = C.audio_batch(stream)
+    run = C.FusionPhaseStep("step")
+    cfg, tr, phase_index, phase = run.cfg, run.tr, run.phase_index, run.phase
+    optim, sched, stream, batch, w = run.optim, run.sched, run.stream, run.batch, run.weights
     # the same samples with on-line audio (waveforms -> frozen CLAP in the step)
     index = {s.id: i for i, s in enumerate(stream.dataset.samples)}
     online_ds = SAFEDataset(stream.dataset.samples, sampling_rate=tr.processor.sampling_rate,
@@ -107,22 +101,15 @@ def main() -> int:
     online_ds.set_epoch(stream.dataset.epoch)
     batch_online = tr.processor.collate([online_ds[index[m["id"]]] for m in batch["meta"]])
     model = tr.ddp_model
-    model.train()
-    w = tr._weights(phase)
-    assert w.beta == 0 and w.gamma == 0, w
 
     def safe_step():
-        tr._optimizer_step(model, optim, sched, C.FixedStream(batch), w)
+        run.step()
 
     def safe_step_online():
-        tr._optimizer_step(model, optim, sched, C.FixedStream(batch_online), w)
+        run.step(batch_online)
 
     def safe_step_no_prefix():  # model.frozen_prefix=false: the image positions go through autograd too
-        tr.model.frozen_prefix = False
-        try:
-            safe_step()
-        finally:
-            tr.model.frozen_prefix = True
+        run.step(frozen_prefix=False)
 
     def safe_fwd_bwd():
         b = move_batch(batch, tr.acc.device)
