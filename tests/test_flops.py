@@ -6,8 +6,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from safe_av.config import SAFEConfig
-from safe_av.flops import (DEVICE_PEAK_FLOPS, attention_flops, matmul_flops, mfu, peak_flops,
-                           training_flops_per_step)
+from safe_av.flops import (DEVICE_PEAK_FLOPS, FlopsReport, FlopsRow, attention_flops, format_flops, matmul_flops,
+                           mfu, peak_flops, training_flops_per_step)
 
 
 def _count(fn) -> int:
@@ -93,6 +93,18 @@ def test_mfu_and_device_peaks():
     assert peak_flops("cpu") is None and peak_flops(None) is None
     assert mfu(989e12, 2.0, 989e12) == pytest.approx(0.5)
     assert mfu(1e12, 1.0, None) is None
+
+
+def test_format_flops_picks_a_readable_unit():
+    def table(*flops):
+        rows = [FlopsRow(name=f"part{i}", params=0, mode="frozen", flops=f) for i, f in enumerate(flops)]
+        return format_flops(FlopsReport(phase="p", batch_size=2, rows=rows)).splitlines()
+
+    demo = table(38e6, 1.96e9)  # a demo step: GFLOPs, not "0.002 TFLOP"
+    assert demo[1].split()[-2:] == ["0.038", "GFLOP"] and demo[3].split()[-2:] == ["1.998", "GFLOP"]
+    real = table(5e11, 74.6e12)
+    assert real[1].split()[-2:] == ["0.500", "TFLOP"] and real[3].split()[-2:] == ["75.100", "TFLOP"]
+    assert table(2e5, 3e5)[3].split()[-2:] == ["0.500", "MFLOP"]
 
 
 def _tiny_cfg(**model):

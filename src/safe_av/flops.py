@@ -317,9 +317,11 @@ def format_flops(report: FlopsReport, step_time_s: float | None = None, device: 
     """A small aligned table of FLOPs per step (and MFU for a measured step time on a known device)."""
     lines = [f"training FLOPs per step (phase {report.phase!r}, {report.batch_size} samples):"]
     w = max(len(r.name) for r in report.rows)
+    # one unit for the table, the largest that keeps the total >= 1 (a demo step is MFLOPs, a real one TFLOPs)
+    scale, unit = next(((s, u) for s, u in ((1e12, "TFLOP"), (1e9, "GFLOP")) if report.total >= s), (1e6, "MFLOP"))
     for r in report.rows:
-        lines.append(f"  {r.name.ljust(w)}  {r.mode.ljust(10)}  {r.flops / 1e12:12.3f} TFLOP")
-    lines.append(f"  {'total'.ljust(w)}  {''.ljust(10)}  {report.total / 1e12:12.3f} TFLOP")
+        lines.append(f"  {r.name.ljust(w)}  {r.mode.ljust(10)}  {r.flops / scale:12.3f} {unit}")
+    lines.append(f"  {'total'.ljust(w)}  {''.ljust(10)}  {report.total / scale:12.3f} {unit}")
     peaks = ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in DEVICE_PEAK_FLOPS.items() if v and k != "H100")
     lines.append(f"  MFU = FLOPs per step / step time / device peak (dense bf16: {peaks})")
     if step_time_s is not None:

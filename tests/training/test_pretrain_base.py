@@ -18,5 +18,8 @@ def test_base_depends_only_on_its_key(small_pretrain, tmp_path):
     assert second == folder  # same key
     a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    moved = tmp_path / "elsewhere"  # the cache folder is not part of the key: a moved cache keeps its bases
+    cfg.train.pretrain.cache_dir = str(moved)
+    assert pt.pretrained_base_folder(cfg, train, vocab) == moved / folder.name
     cfg.data.augment = False
-    assert pt.pretrained_base_folder(cfg, train, vocab) != folder
+    assert pt.pretrained_base_folder(cfg, train, vocab).name != folder.name

@@ -43,7 +43,9 @@ def corpus_texts(samples: list[Sample], cfg: SAFEConfig | None = None) -> list[s
 
 def _key(cfg: SAFEConfig, samples: list[Sample]) -> str:
     ids = sorted(f"{s.dataset}/{s.id}/{s.answers[0] if s.answers else ''}" for s in samples)
-    recipe = {k: v for k, v in to_dict(cfg.train.pretrain).items() if k != "audio"}  # the encoder's own key
+    # the encoder has its own key; the cache folder is where the key is used, not part of it (a moved or
+    # shared cache keeps its bases)
+    recipe = {k: v for k, v in to_dict(cfg.train.pretrain).items() if k not in ("audio", "cache_dir")}
     if not cfg.train.pretrain.vision.enabled:
         recipe.pop("vision")  # bases pretrained before the vision stage existed keep their key
     if cfg.train.pretrain.sound_text.enabled:  # descriptions fill the audio tokens' places
