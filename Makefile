@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/safe train --config configs/demo.yaml --output-dir runs/demo
+	$(VENV)/bin/safe train --config configs/demo.yaml --output-dir runs/demo --overwrite
 
 test: setup
 	$(PY) -m pytest -q

@@ -44,11 +44,54 @@ def test_override_from_command_line():
     ("train.mixed_precision=fp8", "train.mixed_precision='fp8': must be one of"),
     ("data.max_audio_seconds=-1", "data.max_audio_seconds=-1.0: must be > 0"),
     ("train.phases=[{name: x, train: [projecter]}]", "train.phases[0].train='projecter'"),
+    ("train.phases.7.max_steps=5", "train.phases.7.max_steps: train.phases has 3 entries (indices 0-2), got '7'"),
+    ("train.phases.0.max_steps=-5", "train.phases[0].max_steps=-5: must be > 0"),
+    ("model.lora.r=0", "model.lora.r=0: must be > 0"),
+    ("model.lora.dropout=1.5", "model.lora.dropout=1.5: must be in [0, 1)"),
+    ("eval.batch_size=0", "eval.batch_size=0: must be > 0"),
+    ("model.fusion={num_heads: 4", "override 'model.fusion={num_heads: 4': the value is not valid YAML"),
+    ("model.projector.hidden_dim=1e3", "model.projector.hidden_dim='1e3': expected an integer"),
 ])
 def test_bad_values_name_key_and_value(override, needle):
     with pytest.raises(ConfigError) as err:
         load_config("configs/demo.yaml", [override])
     assert needle in str(err.value)
+
+
+def test_a_bad_override_is_blamed_on_set_not_on_the_file():
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/demo.yaml", ["train.seed=abc"])
+    assert str(err.value).startswith("--set train.seed='abc': expected an integer")
+    with pytest.raises(ConfigError) as err:  # a bad value in the file itself still names the file
+        load_config("configs/demo.yaml", ["train.phases=[{name: x, train: [projecter]}]", "train.seed=1"])
+    assert "--set" not in str(err.value)
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; a float field takes it as the number it means."""
+    cfg = load_config("configs/demo.yaml", ["train.pretrain.lr=1e-3", "train.phases.0.lr={projector: 2E-4}"])
+    assert cfg.train.pretrain.lr == 1e-3 and cfg.train.phases[0].lr == {"projector": 2e-4}
+    f = tmp_path / "exp.yaml"
+    f.write_text("loss:\n  temperature: 2e0\n")
+    assert load_config(f).loss.temperature == 2.0
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config("configs/demo.yaml", ["train.pretrain.lr=1e-3x"])
+
+
+def test_malformed_yaml_file_names_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  seed: 1\nmodel: [1, 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(err.value).startswith(f"{bad}: not valid YAML:") and "line 4, column 1" in str(err.value)
+
+
+def test_repeated_set_flags_all_apply(capsys):
+    from safe_av.cli import build_parser
+
+    args = build_parser().parse_args(["info", "--config", "configs/demo.yaml", "--set", "train.seed=3",
+                                      "--set", "model.fusion.num_heads=2", "loss.temperature=2.5"])
+    assert args.set == ["train.seed=3", "model.fusion.num_heads=2", "loss.temperature=2.5"]
 
 
 def test_unknown_key_in_yaml_names_file_and_key(tmp_path):

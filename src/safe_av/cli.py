@@ -19,15 +19,15 @@ def _config(args):
 
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="YAML config (see configs/)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="overrides, e.g. model.fusion.num_heads=4 train.seed=1")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="overrides, e.g. model.fusion.num_heads=4 train.seed=1 (repeatable: --set a=1 --set b=2)")
 
 
 def cmd_train(args) -> int:
     from safe_av.training.loop import train
 
     cfg = _config(args)
-    metrics = train(cfg, args.output_dir, resume=args.resume)
+    metrics = train(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     keys = ["original_vqa_accuracy", "safe_vqa_accuracy", "vl_retention", "avqa_accuracy",
             "audio_dependent_accuracy", "audio_masked_audio_dependent_accuracy", "audio_dependent_chance_accuracy"]
     for k in keys:
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from the latest checkpoint in --output-dir, or from a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--output-dir holds an earlier run: remove its logs, checkpoints, adapter, Fisher and "
+                        "report first (without this, or --resume, such a folder is refused)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained adapter")
@@ -138,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("validate", help="read every record and open every file")
     q.add_argument("--format", required=True, choices=["musicavqa", "audiocaps", "clotho", "avsd", "vqav2"])
     q.add_argument("--root", required=True)
-    q.add_argument("--split", nargs="*", default=None)
+    q.add_argument("--split", nargs="*", default=None, metavar="SPLIT",
+                   help="splits to check (default: every standard split that has an annotation file); a named "
+                        "split without one is an error")
     q = dsub.add_parser("cache", help="write the frozen audio-feature cache")
     _add_config(q)
     q.add_argument("--out", default=None, help="cache folder (default: data.feature_cache)")

@@ -9,6 +9,7 @@ value of the wrong type fails with a :class:`ConfigError` naming the dotted key 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +64,12 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self):
+        _check(self.r > 0, "r", self.r, "must be > 0")
+        _check(self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        _check(bool(self.target_modules), "target_modules", self.target_modules, "must name at least one module")
 
 
 @dataclass
@@ -168,6 +175,7 @@ class PhaseConfig:
             _check(part in PHASE_PARTS, f"lr.{part}", part, f"must be one of {PHASE_PARTS}")
             _check(lr > 0, f"lr.{part}", lr, "must be > 0")
         _check(self.epochs > 0, "epochs", self.epochs, "must be > 0")
+        _check(self.max_steps is None or self.max_steps > 0, "max_steps", self.max_steps, "must be > 0 (or null)")
         _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
         _check(0.0 <= self.audio_ratio <= 1.0, "audio_ratio", self.audio_ratio, "must be in [0, 1]")
 
@@ -364,6 +372,12 @@ class EvalConfig:
     max_new_tokens: int = 8
     max_samples: int | None = None
 
+    def __post_init__(self):
+        _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        _check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be > 0")
+        _check(self.max_samples is None or self.max_samples > 0, "max_samples", self.max_samples,
+               "must be > 0 (or null: no cap)")
+
 
 @dataclass
 class SAFEConfig:
@@ -381,6 +395,10 @@ class SAFEConfig:
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")
+
+
+# exponent notation without a dot, which YAML 1.2 reads as a float and PyYAML (YAML 1.1) as a string
+_FLOAT_WITHOUT_DOT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
@@ -427,6 +445,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}={value!r}: expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_WITHOUT_DOT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3 and 3E4 as strings: accept them as numbers
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r}: expected a number")
         return float(value)
@@ -461,7 +481,11 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
     for i, k in enumerate(keys[:-1]):
-        if k.isdigit() and isinstance(node, list):
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                where = ".".join(keys[:i]) or dotted
+                raise ConfigError(f"{dotted}: {where} has {len(node)} entries (indices 0-{len(node) - 1}), "
+                                  f"got {k!r}")
             node = node[int(k)]
             continue
         if k not in node or not isinstance(node[k], (dict, list)):
@@ -470,7 +494,8 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     last = keys[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"{dotted}: index {last!r} out of range")
+            raise ConfigError(f"{dotted}: {'.'.join(keys[:-1])} has {len(node)} entries "
+                          f"(indices 0-{len(node) - 1}), got {last!r}")
         node[int(last)] = value
     else:
         node[last] = value
@@ -482,7 +507,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
+        _set_dotted(data, key.strip(), value)
     return data
 
 
@@ -493,17 +522,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
         _merge_check(data, loaded, "", path)
         data = _deep_merge(data, loaded)
-    data = apply_overrides(data, list(overrides or []))
+    overrides = list(overrides or [])
+    data = apply_overrides(data, overrides)
     try:
         return from_dict(SAFEConfig, data)
     except ConfigError as e:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{e}") from None
+        # name where the bad value came from: an override (its key path as from_dict spells it) or the file
+        keys = [re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", o.split("=", 1)[0].strip()) for o in overrides]
+        msg = str(e)
+        where = ("--set " if any(msg.startswith((k + "=", k + ":", k + ".")) for k in keys)
+                 else f"{path}: " if path is not None else "")
+        raise ConfigError(f"{where}{msg}") from None
+
+
+def _yaml_problem(err: "yaml.YAMLError") -> str:
+    """PyYAML's message in one line, with the 1-based line and column where it has one."""
+    mark = getattr(err, "problem_mark", None)
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else what
 
 
 def _merge_check(defaults: dict, loaded: dict, prefix: str, path: Path) -> None:

@@ -357,6 +357,7 @@ def attention_correlation_eval(model, processor, samples, *, batch_size: int = 8
     from torch.utils.data import DataLoader
 
     from safe_av.data.text import move_batch
+    from safe_av.eval import evaluate as ev
     from safe_av.eval.metrics import attention_correlation
     from safe_av.training.data import SAFEDataset
 
@@ -365,10 +366,8 @@ def attention_correlation_eval(model, processor, samples, *, batch_size: int = 8
         return {"value": None, "note": "transformers has no set_attn_implementation: attention maps unavailable"}
     hf.set_attn_implementation("eager")
     rs, weights = [], []
-    was_training = model.training
-    model.eval()
     dataset = SAFEDataset(samples, sampling_rate=processor.sampling_rate, with_answers=False)
-    with torch.no_grad():
+    with ev.eval_mode(model), torch.no_grad():
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=processor.collate):
             if batch.get("empty"):
                 continue
@@ -384,7 +383,6 @@ def attention_correlation_eval(model, processor, samples, *, batch_size: int = 8
             if math.isfinite(r):
                 rs.append(r)
                 weights.append(int(m.shape[0]))
-    model.train(was_training)
     if not rs:
         return {"value": None, "note": "no attention map had variance"}
     value = sum(r * w for r, w in zip(rs, weights)) / sum(weights)
@@ -806,7 +804,10 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     quick = bool(getattr(args, "quick", False))
     config_path, cfg, scale = _load_base_config(args, out)
-    n_seeds = 1 if quick else int(getattr(args, "seeds", 3) or 3)
+    seeds = getattr(args, "seeds", None)
+    n_seeds = 1 if quick else (3 if seeds is None else int(seeds))
+    if n_seeds < 1:
+        raise ValueError(f"--seeds {n_seeds}: must be >= 1")
     variants = variant_configs(cfg)
     retrieval_clips = 4 if quick else RETRIEVAL_CLIPS
     attention_samples = 4 if quick else ATTENTION_SAMPLES

@@ -37,7 +37,7 @@ def test_broken_media_and_entries_are_all_reported(musicavqa_root, capsys):
     assert "00000272.wav: field 'audio'" in audio["00000272.wav"] and "unreadable or corrupt" in audio["00000272.wav"]
     assert "sa00007434.wav" in audio["sa00007434.wav"] and "file not found" in audio["sa00007434.wav"]
     assert "00000002.jpg" in str(by_field["image"]) and "unreadable or corrupt" in str(by_field["image"])  # middle of 3
-    code = main_validate(argparse.Namespace(format="musicavqa", root=str(musicavqa_root), splits=None))
+    code = main_validate(argparse.Namespace(format="musicavqa", root=str(musicavqa_root), split=None))
     out = capsys.readouterr().out
     assert code == 1 and "PROBLEMS FOUND" in out and out.count("BAD ") == 4
 
@@ -50,9 +50,16 @@ def test_missing_splits_are_listed_and_explicit_split_raises(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="avqa-val.json"):
         validate("musicavqa", tmp_path, ["val"])
     empty = validate("vqav2", tmp_path / "nothing")
-    assert not empty.ok and empty.bad[0].field == "annotations"
-    assert main_validate(argparse.Namespace(format="musicavqa", root=str(tmp_path))) == 0
+    assert not empty.ok and empty.bad[0].field == "annotations" and "does not exist" in empty.bad[0].reason
+    assert main_validate(argparse.Namespace(format="musicavqa", root=str(tmp_path), split=None)) == 0
     assert "OK" in capsys.readouterr().out
+    # through the CLI: --split limits the check to the named splits, and a named split without its file fails
+    from safe_av.cli import main
+
+    assert main(["data", "validate", "--format", "musicavqa", "--root", str(tmp_path), "--split", "train"]) == 0
+    assert "splits without annotation file" not in capsys.readouterr().out  # val/test were not asked for
+    assert main(["data", "validate", "--format", "musicavqa", "--root", str(tmp_path), "--split", "val"]) == 2
+    assert "avqa-val.json" in capsys.readouterr().err
 
 
 def test_main_synth_writes_and_validates(tmp_path, capsys):

@@ -184,6 +184,10 @@ def test_main_exit_codes(synthetic_run: Path, tmp_path: Path, capsys):
     assert main(synthetic_run) == 0
     assert capsys.readouterr().out.strip().endswith("report.html")
     assert main(tmp_path / "missing") == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(empty) == 2 and not (empty / "report.html").exists()  # no metric file: not a run folder
+    assert "not a training run folder" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safe_av.training.loop import Stopped, Trainer
+from safe_av.training.loop import RunFolderError, Stopped, Trainer
 from tests.integration.conftest import losses_by_step as _losses, tiny_train_config
 
 
@@ -53,6 +53,27 @@ def test_exact_resume_after_kill_mid_epoch_with_accumulation(full_run):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_fresh_run_into_an_earlier_runs_folder_is_refused_or_overwritten(full_run, tmp_path):
+    """Without --resume, a folder holding a run is refused before any work (two runs' metrics.jsonl would
+    mix, its Fisher would be reused, its checkpoints left for a later --resume); --overwrite removes exactly the
+    run's own outputs."""
+    cfg, _, _ = full_run
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000004").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000004" / "model.safetensors").write_bytes(b"x")
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    (run / "fisher.safetensors").write_bytes(b"x")
+    (run / "eval-val.json").write_text("{}")  # a `safe eval` output: not the run's, kept
+    (run / "plots").mkdir()  # empty: does not count
+    with pytest.raises(RunFolderError, match=r"already holds a training run \(metrics.jsonl, fisher.safetensors, "
+                                             r"checkpoints\): pass --resume"):
+        Trainer(cfg, run).train()
+    assert (run / "metrics.jsonl").read_text() == '{"step": 0}\n'  # refused before touching anything
+    Trainer(cfg, run, overwrite=True)._clear_previous_run()
+    assert sorted(p.name for p in run.iterdir()) == ["eval-val.json", "plots"]
+    Trainer(cfg, run)._clear_previous_run()  # nothing left to refuse
 
 
 class _Snapshots(Trainer):

@@ -82,7 +82,9 @@ def validate(format: str, root: str | Path, splits: list[str] | None = None) -> 
             report.skipped[reason] = report.skipped.get(reason, 0) + n
         _check_media(result, checked, report)
     if not report.samples:
-        report.bad.append(BadEntry(str(root), "annotations", SPLITS[format], "no split annotation file found"))
+        why = ("the folder does not exist" if not Path(root).is_dir()
+               else "no split annotation file found (layouts: safe_av/data/formats/LAYOUTS.md)")
+        report.bad.append(BadEntry(str(root), "annotations", SPLITS[format], why))
     return report
 
 
@@ -108,14 +110,14 @@ def _image_problem(path: str) -> str | None:
 
 
 def main_validate(args: argparse.Namespace) -> int:
-    """CLI body of ``safe data validate --format F --root DIR [--splits ...]``.
+    """CLI body of ``safe data validate --format F --root DIR [--split S ...]``.
 
     Prints the summary and every bad entry with its reason.
 
     Returns:
         0 when everything is usable, 1 otherwise.
     """
-    report = validate(args.format, args.root, getattr(args, "splits", None) or None)
+    report = validate(args.format, args.root, getattr(args, "split", None) or None)
     print(report.summary())
     for entry in report.bad:
         print(f"  BAD {entry}")

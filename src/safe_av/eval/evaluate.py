@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections import Counter, defaultdict
@@ -111,19 +112,33 @@ def chance_accuracy(train: list[Sample], test: list[Sample]) -> dict:
             "audio_dependent_majority": mean(dep_major)}
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model.eval()`` inside the block (no dropout in what is measured), its previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def feature_similarity(model, processor: SAFEProcessor, samples: list[Sample], *, batch_size: int = 16) -> float:
-    """Cosine similarity of SAFE's and the original model's last hidden states on the same VL inputs."""
+    """Cosine similarity of SAFE's and the original model's last hidden states on the same VL inputs, in eval
+    mode whatever mode the model is in (the trainer calls it on its training model: dropout in the adapter
+    made the value noisy)."""
     dataset = SAFEDataset(samples, sampling_rate=processor.sampling_rate)
     sims = []
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=processor.collate):
-        if batch.get("empty"):
-            continue
-        batch = move_batch(batch, model.device)
-        student = model(**batch, use_audio=False)
-        teacher = model.teacher_forward(batch)
-        mask = batch["attention_mask"].bool() if not model.base.is_encoder_decoder else None
-        if mask is not None and student.hidden.shape[1] != mask.shape[1]:
-            mask = None
-        sims.append(feature_cosine_similarity(student.hidden, teacher.hidden, mask))
+    with eval_mode(model):
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=processor.collate):
+            if batch.get("empty"):
+                continue
+            batch = move_batch(batch, model.device)
+            student = model(**batch, use_audio=False)
+            teacher = model.teacher_forward(batch)
+            mask = batch["attention_mask"].bool() if not model.base.is_encoder_decoder else None
+            if mask is not None and student.hidden.shape[1] != mask.shape[1]:
+                mask = None
+            sims.append(feature_cosine_similarity(student.hidden, teacher.hidden, mask))
     return sum(sims) / len(sims) if sims else float("nan")

@@ -575,6 +575,11 @@ def write_report(run_dir: str | Path) -> Path:
 
 def main(run_dir: str | Path) -> int:
     """CLI entry for ``safe report RUN_DIR``: write the report, print its path; 0 on success."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and not any((run_dir / f).is_file() for f in ("metrics.jsonl", "metrics.json")):
+        print(f"safe report: {run_dir} has neither metrics.jsonl nor metrics.json: not a training run folder",
+              file=sys.stderr)
+        return 2
     try:
         path = write_report(run_dir)
     except FileNotFoundError as e:

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,12 +69,15 @@ class Trainer:
     """Stage A: three phases, the curriculum, retention losses, checkpoints, evaluation."""
 
     def __init__(self, cfg: SAFEConfig, output_dir: str | Path, *, resume: str | None = None,
-                 stop_after: int | None = None):
+                 overwrite: bool = False, stop_after: int | None = None):
         """
         Args:
             cfg: the resolved config.
             output_dir: the run folder.
             resume: ``"latest"`` or a checkpoint folder.
+            overwrite: a fresh :meth:`train` (no ``resume``) in a folder that holds an earlier run first removes
+                that run's files (:data:`RUN_OUTPUTS`); without it such a folder is refused, so two runs'
+                logs, checkpoints and Fisher never mix.
             stop_after: end the process's work right after the checkpoint of this global step, as a kill
                 would (tests of exact resume).
         """
@@ -83,6 +87,7 @@ class Trainer:
         if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume = "latest"  # restarted by torchrun --max-restarts: pick up where we were
         self.resume = resume
+        self.overwrite = overwrite
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)  # batches without audio skip the adapter
         trackers = [t for t in cfg.train.trackers if t in ("tensorboard", "wandb")]
         self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None,
@@ -98,6 +103,23 @@ class Trainer:
     @property
     def main(self) -> bool:
         return self.acc.is_main_process
+
+    def _clear_previous_run(self) -> None:
+        """A fresh run in a folder with an earlier run's outputs: remove them with ``overwrite``, else refuse
+        (training would append to its ``metrics.jsonl``, reuse its ``fisher.safetensors`` and leave its
+        checkpoints for a later ``--resume`` to pick up)."""
+        found = previous_run_outputs(self.out)
+        if not found:
+            return
+        if not self.overwrite:
+            raise RunFolderError(f"{self.out} already holds a training run ({', '.join(found)}): pass --resume to "
+                                 f"continue it, --overwrite to replace it, or another --output-dir")
+        if self.main:
+            log.warning("--overwrite: removing the earlier run's %s from %s", ", ".join(found), self.out)
+            for name in found:
+                path = self.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.acc.wait_for_everyone()
 
     def _log_jsonl(self, record: dict) -> None:
         if self.main:
@@ -336,6 +358,8 @@ class Trainer:
     # ================================================================== the loop
 
     def train(self) -> dict:
+        if not self.resume:
+            self._clear_previous_run()
         self.setup()
         self._eval_subsets()
         self.curriculum = self._build_curriculum()
@@ -731,9 +755,29 @@ class _TouchAllTrainable(torch.nn.Module):
         return out
 
 
-def train(cfg: SAFEConfig, output_dir: str | Path, *, resume: str | None = None) -> dict:
+def train(cfg: SAFEConfig, output_dir: str | Path, *, resume: str | None = None, overwrite: bool = False) -> dict:
     """``safe train``: run Stage A and return the final metrics."""
-    return Trainer(cfg, output_dir, resume=resume).train()
+    return Trainer(cfg, output_dir, resume=resume, overwrite=overwrite).train()
 
 
-__all__ = ["Trainer", "TrainState", "train", "evaluate_run", "Corpus"]
+# What a training run writes into its folder (the tracker's folder is named after the project, "safe").
+# `safe eval` outputs and anything else the user put there are left alone.
+RUN_OUTPUTS = ("metrics.jsonl", "metrics.json", "report.html", "fisher.safetensors", "checkpoints", "adapter",
+               "plots", "safe")
+
+
+class RunFolderError(ValueError):
+    """``safe train`` into a folder that already holds a run, without ``--resume`` or ``--overwrite``."""
+
+
+def previous_run_outputs(folder: Path) -> list[str]:
+    """The entries of :data:`RUN_OUTPUTS` in ``folder`` (empty files and folders do not count)."""
+    found = []
+    for name in RUN_OUTPUTS:
+        path = folder / name
+        if (path.is_file() and path.stat().st_size) or (path.is_dir() and any(path.iterdir())):
+            found.append(name)
+    return found
+
+
+__all__ = ["Trainer", "TrainState", "train", "evaluate_run", "Corpus", "RunFolderError", "previous_run_outputs"]
