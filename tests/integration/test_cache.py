@@ -6,7 +6,7 @@ import soundfile as sf
 import torch
 
 from safe_av.data.cache import FeatureCache
-from safe_av.data.records import Sample
+from safe_av.data.records import DataError, Sample
 from safe_av.data.text import SAFEProcessor
 from safe_av.models.safe_model import SAFEModel
 from safe_av.training.data import BatchStream, SAFEDataset
@@ -78,5 +78,12 @@ def test_bad_file_is_skipped_and_counted(tiny_models, clips, tmp_path):
     model = _model(tiny_models)
     bad = tmp_path / "corrupt.wav"
     bad.write_bytes(b"RIFF....WAVEfmt garbage")
-    stats = FeatureCache.open(tmp_path / "cache", model).build(model, clips[:1] + [str(bad)])
-    assert stats == {"cached_before": 0, "new": 1, "skipped": 1}
+    gone = str(tmp_path / "gone.wav")
+    stats = FeatureCache.open(tmp_path / "cache", model).build(model, clips[:1] + [str(bad), gone])
+    assert stats == {"cached_before": 0, "new": 1, "skipped": 1, "missing": 1, "known_bad": 0}
+    # the reason is kept: a later run that meets the file skips it for what is wrong with it, not as "not cached"
+    cache = FeatureCache.open(tmp_path / "cache", model)
+    with pytest.raises(DataError, match=r"corrupt.wav: field 'audio'.*(unreadable|corrupt)"):
+        cache.get(str(bad))
+    stats = cache.build(model, clips[:1] + [str(bad)])  # not tried again
+    assert stats == {"cached_before": 1, "new": 0, "skipped": 0, "missing": 0, "known_bad": 1}

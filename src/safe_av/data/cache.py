@@ -7,7 +7,11 @@ config never reads stale features::
 
     CACHE/<fingerprint>/config.json           what the fingerprint covers
     CACHE/<fingerprint>/index.json            content sha256 -> [shard, key]
+    CACHE/<fingerprint>/bad.json              content sha256 -> why the file could not be encoded
     CACHE/<fingerprint>/shard-00000.safetensors
+
+A file that cannot be decoded is skipped, counted, and its reason kept, so a training or evaluation run that
+meets it later skips the sample with that reason (not "missing from the cache").
 
 Random audio augmentation would make features differ per epoch, so it is refused with a cache.
 """
@@ -54,6 +58,9 @@ class FeatureCache:
         self.index: dict[str, list] = {}
         if (self.dir / "index.json").is_file():
             self.index = json.loads((self.dir / "index.json").read_text())
+        self.bad: dict[str, str] = {}
+        if (self.dir / "bad.json").is_file():
+            self.bad = json.loads((self.dir / "bad.json").read_text())
         self._hashes: dict[str, tuple] = {}
         self._shards: dict[str, object] = {}
         self.hits = self.misses = 0
@@ -72,6 +79,12 @@ class FeatureCache:
         self._hashes[str(path)] = ((st.st_size, st.st_mtime_ns), digest)
         return digest
 
+    def _known_bad(self, path) -> bool:
+        try:
+            return self.key(path) in self.bad
+        except FileNotFoundError:
+            return False
+
     def __contains__(self, path) -> bool:
         return self.key(path) in self.index
 
@@ -83,6 +96,8 @@ class FeatureCache:
             raise DataError(path, "audio", str(path), "audio file not found") from err
         if key not in self.index:
             self.misses += 1
+            if key in self.bad:  # seen by build() and not decodable: say why, as loading it would
+                raise DataError(path, "audio", str(path), self.bad[key])
             raise KeyError(f"{path}: not in the feature cache {self.dir} (run `safe data cache`)")
         shard, name = self.index[key]
         if shard not in self._shards:
@@ -92,28 +107,38 @@ class FeatureCache:
 
     def build(self, model, paths: list[str], *, batch_size: int = 8) -> dict:
         """Encode the files not cached yet (bad files are skipped and counted) and write one new shard."""
-        todo, seen = [], set()
+        todo, seen, missing = [], set(), 0
         for p in paths:
             try:
                 k = self.key(p)
             except FileNotFoundError:
+                missing += 1
+                log.warning("feature cache: skipped %s: file not found", p)
                 continue
-            if k not in self.index and k not in seen:
+            if k not in self.index and k not in self.bad and k not in seen:
                 todo.append((p, k))
                 seen.add(k)
-        stats = {"cached_before": len(self.index), "new": 0, "skipped": 0}
+        stats = {"cached_before": len(self.index), "new": 0, "skipped": 0, "missing": missing,
+                 "known_bad": sum(1 for p in set(paths) if self._known_bad(p))}
         if not todo:
             return stats
         self.dir.mkdir(parents=True, exist_ok=True)
         key_of = dict((p, k) for p, k in todo)
         tensors: dict[str, torch.Tensor] = {}
+        bad: dict[str, str] = {}
         for p, feat in encode_files(model, [p for p, _ in todo], max_seconds=self.fp["max_seconds"],
                                     batch_size=batch_size):
             if isinstance(feat, DataError):
                 log.warning("feature cache: skipped %s", feat)
                 stats["skipped"] += 1
+                bad[key_of[p]] = feat.reason
             else:
                 tensors[key_of[p]] = feat
+        if bad:
+            self.bad.update(bad)
+            _write_json(self.dir / "bad.json", self.bad)
+        if not tensors:
+            return stats
         shard = f"shard-{len({s for s, _ in self.index.values()}):05d}.safetensors"
         tmp = self.dir / (shard + ".tmp")
         save_file(tensors, str(tmp))
@@ -121,11 +146,16 @@ class FeatureCache:
         for k in tensors:
             self.index[k] = [shard, k]
         (self.dir / "config.json").write_text(json.dumps(self.fp, indent=1, default=str))
-        tmp_index = self.dir / "index.json.tmp"
-        tmp_index.write_text(json.dumps(self.index))
-        tmp_index.rename(self.dir / "index.json")
+        _write_json(self.dir / "index.json", self.index)
         stats["new"] = len(tensors)
         return stats
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write through a temporary file and a rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.rename(path)
 
 
 @torch.no_grad()
