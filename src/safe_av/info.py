@@ -839,7 +839,8 @@ def format_table(summary: Summary) -> str:
     """An aligned text table: parameters per component, then memory for each lever."""
     s = summary
     seq = s.visual_tokens + s.audio_tokens + s.text_tokens
-    out = [f"base: {s.base}   audio: {s.audio}   phase {s.phase_index} ({s.phase}), batch {s.batch_size}",
+    out = [f"base: {s.base}   audio: {s.audio}   phase {s.phase_index + 1} ({s.phase}), "
+           f"batch {s.batch_size}",
            f"LM sequence: {s.visual_tokens} visual + {s.audio_tokens} audio + {s.text_tokens} text = {seq} tokens"
            + (f" (encoder; decoder: {s.settings['answer_tokens']} answer tokens)"
               if s.settings["lm_kind"] == "encoder-decoder" else ""),
