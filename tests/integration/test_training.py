@@ -55,6 +55,25 @@ def test_exact_resume_after_kill_mid_epoch_with_accumulation(full_run):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_retention_is_tracked_in_a_base_training_phase_without_curriculum(small_corpus, tmp_path):
+    """Phase 3 trains the base (language_projection) outside the curriculum, as the demo's does: the held-out
+    VL retention is still evaluated every curriculum.eval_every steps there (the report's curve goes on)."""
+    phases = ("train.phases=[{name: p1, train: [projector], lr: {projector: 1.0e-3}, datasets: {audiocaps: 1.0}, "
+              "max_steps: 2, batch_size: 4}, {name: p3, train: [projector, fusion, base], "
+              "unfreeze: [language_projection], lr: {projector: 1.0e-3, fusion: 1.0e-3, base: 1.0e-3}, "
+              "datasets: {musicavqa: 1.0, vqav2: 1.0}, max_steps: 4, batch_size: 4}]")
+    cfg = tiny_train_config(small_corpus, tmp_path, **dict([phases.split("=", 1)]))
+
+    class Recorded(Trainer):  # the tiny test base answers no VQA question right (retention undefined): stand in
+        def _retention(self):
+            return 0.5 + self.state.global_step / 100
+
+    Recorded(cfg, tmp_path / "run").train()
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval/vl_retention"]) for r in records if "eval/vl_retention" in r]
+    assert evals == [(3, 0.53), (6, 0.56)]  # eval_every=3; phase 1 (steps 1-2) trains no base part
+
+
 def test_fresh_run_into_an_earlier_runs_folder_is_refused_or_overwritten(full_run, tmp_path):
     """Without --resume, a folder holding a run is refused before any work (two runs' metrics.jsonl would
     mix, its Fisher would be reused, its checkpoints left for a later --resume); --overwrite removes exactly the

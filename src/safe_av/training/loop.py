@@ -342,11 +342,15 @@ class Trainer:
                           max_new_tokens=self.cfg.eval.max_new_tokens, max_seconds=self.cfg.data.max_audio_seconds,
                           feature_cache=self.cache, **kw)
 
+    def _retention(self) -> float | None:
+        """VQA accuracy on the held-out subset over the original model's (None without VQA data)."""
+        if not (self.vqa_subset and self.state.original_vqa_subset):
+            return None
+        return ev.score_vqa(self._predict(self.vqa_subset)) / self.state.original_vqa_subset
+
     def _stage_eval(self, stage: CurriculumStage) -> tuple[float | None, float | None]:
         """Held-out VL retention and the stage's audio accuracy (its difficulties, audio-dependent questions)."""
-        retention = None
-        if self.vqa_subset and self.state.original_vqa_subset:
-            retention = ev.score_vqa(self._predict(self.vqa_subset)) / self.state.original_vqa_subset
+        retention = self._retention()
         pool = [s for s in self.avqa_dep if s.difficulty in stage.difficulties][: self.cfg.curriculum.eval_samples]
         audio_acc = None
         if pool:
@@ -429,6 +433,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{logs['loss/total']:.3f}", stage=logs["stage"])
             if phase.curriculum and self.curriculum is not None:
                 self._curriculum_tick(stream)
+            elif self.model.base_trains and st.global_step % cfg.curriculum.eval_every == 0:
+                self._retention_tick()
             if st.global_step % cfg.train.checkpoint_every == 0 or st.phase_step == steps:
                 self._save(optim, sched, stream)
                 self.acc.wait_for_everyone()  # no rank goes on (or stops) before rank 0's checkpoint is complete
@@ -527,6 +533,13 @@ class Trainer:
         now = self.curriculum.current
         if now is not before:
             stream.configure(now.audio_ratio, list(now.difficulties))
+
+    def _retention_tick(self) -> None:
+        """Held-out VL retention during a phase that trains part of the base (LoRA, an unfrozen module) outside
+        the curriculum: where the VL ability is at risk, the report's retention curve goes on."""
+        retention = self._retention()
+        if retention is not None:
+            self._log_jsonl({"step": self.state.global_step, "eval/vl_retention": retention})
 
     def _param_drift(self) -> float | None:
         if not self.model.anchors:
