@@ -51,6 +51,8 @@ def test_override_from_command_line():
     ("eval.batch_size=0", "eval.batch_size=0: must be > 0"),
     ("model.fusion={num_heads: 4", "override 'model.fusion={num_heads: 4': the value is not valid YAML"),
     ("model.projector.hidden_dim=1e3", "model.projector.hidden_dim='1e3': expected an integer"),
+    ("train.phases.0.datasets={audiocap: 1.0}", "train.phases[0].datasets.audiocap='audiocap': unknown dataset"),
+    ("data.vqa_dataset=vqa2", "data.vqa_dataset='vqa2': must be one of"),
 ])
 def test_bad_values_name_key_and_value(override, needle):
     with pytest.raises(ConfigError) as err:
@@ -84,6 +86,15 @@ def test_malformed_yaml_file_names_file_line_and_column(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(bad)
     assert str(err.value).startswith(f"{bad}: not valid YAML:") and "line 4, column 1" in str(err.value)
+
+
+def test_dataset_names_are_the_readers_and_captioning_can_be_off():
+    from safe_av.config import DATASETS
+    from safe_av.data.formats import READERS
+
+    assert set(DATASETS) == set(READERS)
+    for off in ("data.caption_dataset=", "data.caption_dataset=null", 'data.caption_dataset=""'):
+        assert not load_config("configs/demo.yaml", [off]).data.caption_dataset
 
 
 def test_repeated_set_flags_all_apply(capsys):

@@ -28,6 +28,8 @@ def cmd_train(args) -> int:
 
     cfg = _config(args)
     metrics = train(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes: the summary once, from rank 0
+        return 0
     keys = ["original_vqa_accuracy", "safe_vqa_accuracy", "vl_retention", "avqa_accuracy",
             "audio_dependent_accuracy", "audio_masked_audio_dependent_accuracy", "audio_dependent_chance_accuracy"]
     for k in keys:

@@ -111,6 +111,10 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- data
 
 
+# the dataset formats safe_av.data.formats reads (its READERS; a test keeps the two lists equal)
+DATASETS = ("musicavqa", "audiocaps", "clotho", "avsd", "vqav2")
+
+
 @dataclass
 class DataConfig:
     root: str = "runs/data/synthetic"
@@ -133,7 +137,7 @@ class DataConfig:
     """Folder of the frozen audio-feature cache (``safe data cache``); None computes features on line."""
     vqa_dataset: str = "vqav2"
     avqa_dataset: str = "musicavqa"
-    caption_dataset: str = "audiocaps"
+    caption_dataset: str | None = "audiocaps"
     eval_split: str = "val"
 
     def __post_init__(self):
@@ -142,6 +146,11 @@ class DataConfig:
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
         _check(not (self.audio_augment and self.feature_cache), "audio_augment", self.audio_augment,
                "cannot be combined with data.feature_cache (cached features would not change per epoch)")
+        for key in ("vqa_dataset", "avqa_dataset", "caption_dataset"):
+            value = getattr(self, key)
+            _check(value in DATASETS or (key == "caption_dataset" and not value), key, value,
+                   f"must be one of {list(DATASETS)}" + (" (or \"\"/null: no captioning evaluation)"
+                                                         if key == "caption_dataset" else ""))
 
 
 # ----------------------------------------------------------------------------- training
@@ -178,6 +187,9 @@ class PhaseConfig:
         _check(self.max_steps is None or self.max_steps > 0, "max_steps", self.max_steps, "must be > 0 (or null)")
         _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
         _check(0.0 <= self.audio_ratio <= 1.0, "audio_ratio", self.audio_ratio, "must be in [0, 1]")
+        for name, weight in self.datasets.items():
+            _check(name in DATASETS, f"datasets.{name}", name, f"unknown dataset; choose from {list(DATASETS)}")
+            _check(weight >= 0, f"datasets.{name}", weight, "must be >= 0")
 
 
 def _default_phases() -> list[PhaseConfig]:

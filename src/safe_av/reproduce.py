@@ -396,6 +396,8 @@ def retrieval_eval(trainer, cfg, max_clips: int) -> dict:
     from safe_av.eval.run import caption_retrieval
     from safe_av.training.data import read_corpus
 
+    if not cfg.data.caption_dataset:
+        return {"skipped": "data.caption_dataset is off"}
     samples = []
     for split in dict.fromkeys([cfg.data.eval_split, "test"]):  # test only tops up a split of < 2 clips
         try:

@@ -237,6 +237,13 @@ def test_infer_single_question(run, media, capsys, loaded):
     assert answer == loaded.answer("Which instrument is playing?", image=image, audio=audio)
 
 
+def test_infer_empty_question_asks_for_a_caption(run, media, capsys, loaded):
+    _, audio = media
+    rc = cli(["infer", "--checkpoint", str(run), "--audio", str(audio), "--question", "", "--max-new-tokens", "4"])
+    assert rc == 0  # not a usage error: "" is the captioning prompt, as in the API
+    assert capsys.readouterr().out.strip() == loaded.answer("", audio=audio)
+
+
 def test_infer_single_missing_file(run, media, tmp_path, capsys):
     image, _ = media
     rc = cli(["infer", "--checkpoint", str(run), "--image", str(image), "--audio", str(tmp_path / "gone.wav"),

@@ -636,7 +636,7 @@ def infer_main(args) -> int:
     """
     from safe_av import api
 
-    if bool(args.input) == bool(args.question):
+    if bool(args.input) == (args.question is not None):  # --question "" asks for a caption
         print("safe infer: error: give --question (with --image and/or --audio) or --input FILE.jsonl",
               file=sys.stderr)
         return 2
@@ -651,7 +651,7 @@ def infer_main(args) -> int:
         return 2
     max_new = getattr(args, "max_new_tokens", None)
     model = api.load(args.checkpoint, max_new_tokens=max_new or 16)
-    if args.question:
+    if args.question is not None:
         try:
             print(model.answer(args.question, image=args.image, audio=args.audio))
         except InputError as err:
