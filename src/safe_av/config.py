@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from safe_av.data.records import DATASETS  # the dataset formats safe_av.data.formats reads
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key path and the value."""
@@ -109,10 +111,6 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-# the dataset formats safe_av.data.formats reads (its READERS; a test keeps the two lists equal)
-DATASETS = ("musicavqa", "audiocaps", "clotho", "avsd", "vqav2")
 
 
 @dataclass

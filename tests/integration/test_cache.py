@@ -87,3 +87,22 @@ def test_bad_file_is_skipped_and_counted(tiny_models, clips, tmp_path):
         cache.get(str(bad))
     stats = cache.build(model, clips[:1] + [str(bad)])  # not tried again
     assert stats == {"cached_before": 1, "new": 0, "skipped": 0, "missing": 0, "known_bad": 1}
+
+
+def test_a_skipped_sample_warns_once_per_process_and_is_counted_every_time(tiny_models, clips, tmp_path, caplog):
+    """Evaluation reads each sample under several conditions: its skip is logged once at WARNING (later ones at
+    DEBUG), while every skip is still returned as None for the collate to count."""
+    model = _model(tiny_models)
+    bad = tmp_path / "corrupt.wav"
+    bad.write_bytes(b"RIFF....WAVEfmt garbage")
+    cache = FeatureCache.open(tmp_path / "cache", model)
+    cache.build(model, [clips[0], str(bad)])
+    samples = [Sample(id="warn-once-1", dataset="audiocaps", question="", answers=["a"], audio=str(bad)),
+               Sample(id="warn-once-2", dataset="audiocaps", question="", answers=["b"], audio=clips[0])]
+    ds = SAFEDataset(samples, sampling_rate=model.audio_encoder.sampling_rate, feature_cache=cache)
+    with caplog.at_level("DEBUG", logger="safe_av.training.data"):
+        got = [ds[0], ds[0], ds[1], ds[0]]
+    assert got[0] is None and got[1] is None and got[3] is None and got[2] is not None
+    records = [r for r in caplog.records if "warn-once-1" in r.getMessage()]
+    assert [r.levelname for r in records] == ["WARNING", "DEBUG", "DEBUG"]
+    assert "corrupt.wav" in records[0].getMessage()  # the file's own problem, not "not in the feature cache"

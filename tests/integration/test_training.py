@@ -74,6 +74,20 @@ def test_retention_is_tracked_in_a_base_training_phase_without_curriculum(small_
     assert evals == [(3, 0.53), (6, 0.56)]  # eval_every=3; phase 1 (steps 1-2) trains no base part
 
 
+def test_evaluation_during_training_leaves_the_random_stream_alone(full_run, tmp_path):
+    """Curriculum and retention evaluations run between training steps; a DataLoader draws its seed from torch's
+    global generator, so an evaluation must not move it (or evaluating at other steps would change training)."""
+    cfg, _, _ = full_run
+    tr = Trainer(cfg, tmp_path / "run")
+    tr.setup()
+    tr._eval_subsets()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    recs = tr._predict(tr.vqa_subset)
+    assert len(recs) == len(tr.vqa_subset) > 0
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_fresh_run_into_an_earlier_runs_folder_is_refused_or_overwritten(full_run, tmp_path):
     """Without --resume, a folder holding a run is refused before any work (two runs' metrics.jsonl would
     mix, its Fisher would be reused, its checkpoints left for a later --resume); --overwrite removes exactly the

@@ -43,6 +43,9 @@ def read_corpus(cfg: DataConfig, datasets: list[str], split: str) -> Corpus:
     return corpus
 
 
+_WARNED: set[tuple[str, str]] = set()  # samples whose skip was logged at WARNING in this process
+
+
 class SAFEDataset(Dataset):
     """Loads a sample's image and audio. A bad file is skipped (``None``) and counted by the collate.
 
@@ -87,8 +90,13 @@ class SAFEDataset(Dataset):
                 else:
                     clip = load_audio(s.audio, target_sr=self.sampling_rate, max_seconds=self.max_seconds)
                     item["waveform"], item["num_valid"] = clip.waveform, clip.num_valid
-        except (DataError, KeyError) as err:  # KeyError: a file the feature cache could not encode
-            log.warning("skipped sample %s/%s: %s", s.dataset, s.id, err)
+        except (DataError, KeyError) as err:  # KeyError: a file missing from the feature cache
+            # once per sample and process at WARNING (evaluation reads each sample under several conditions);
+            # every skip is still counted by the collate
+            first = (s.dataset, s.id) not in _WARNED
+            if first and len(_WARNED) < 100_000:
+                _WARNED.add((s.dataset, s.id))
+            log.log(logging.WARNING if first else logging.DEBUG, "skipped sample %s/%s: %s", s.dataset, s.id, err)
             return None
         return item
 

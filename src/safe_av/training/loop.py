@@ -338,9 +338,14 @@ class Trainer:
         self.avqa_dep = [s for s in avqa if ev.is_audio_dependent(s.question_type)]
 
     def _predict(self, samples, **kw):
-        return ev.predict(self.model, self.processor, samples, batch_size=self.cfg.eval.batch_size,
-                          max_new_tokens=self.cfg.eval.max_new_tokens, max_seconds=self.cfg.data.max_audio_seconds,
-                          feature_cache=self.cache, **kw)
+        # Side-effect free for training: a DataLoader draws its seed from torch's global generator, so without
+        # the fork every evaluation (curriculum, retention) would move the random stream the training's dropout
+        # and sampling read, and the same run evaluated at other steps would train differently.
+        device = self.acc.device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            return ev.predict(self.model, self.processor, samples, batch_size=self.cfg.eval.batch_size,
+                              max_new_tokens=self.cfg.eval.max_new_tokens,
+                              max_seconds=self.cfg.data.max_audio_seconds, feature_cache=self.cache, **kw)
 
     def _retention(self) -> float | None:
         """VQA accuracy on the held-out subset over the original model's (None without VQA data)."""
