@@ -28,6 +28,7 @@ are in ``docs/reproduce.md``.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -262,9 +263,22 @@ def variant_configs(cfg) -> dict[str, Any]:
 
 
 def _config_hash(cfg) -> str:
+    """What a finished run's result depends on: its resolved config and the code (every source file of the
+    package), so a rerun after a code change trains again instead of reusing a result the old code made."""
     from safe_av.config import config_to_yaml
 
-    return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:16]
+    h = hashlib.sha256(config_to_yaml(cfg).encode())
+    h.update(_code_digest().encode())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 # ===================================================================================== per-run metrics

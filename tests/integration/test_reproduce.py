@@ -111,6 +111,23 @@ def test_convergence_steps_per_phase():
     assert convergence_steps([]) is None
 
 
+def test_result_reuse_key_covers_config_and_code(monkeypatch):
+    """A finished run's result.json is reused only for the same resolved config *and* the same package source:
+    a rerun after a code change trains again (it once reused results the previous code had made)."""
+    import copy
+
+    import safe_av.reproduce as R
+
+    cfg = load_config(DEMO)
+    key = R._config_hash(cfg)
+    assert key == R._config_hash(copy.deepcopy(cfg))
+    other = copy.deepcopy(cfg)
+    other.train.seed += 1
+    assert R._config_hash(other) != key
+    monkeypatch.setattr(R, "_code_digest", lambda: "a changed source file")
+    assert R._config_hash(cfg) != key
+
+
 # ----------------------------------------------------------------------------- --quick end to end
 
 
