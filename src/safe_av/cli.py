@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a trained adapter")
     _add_config(p)
-    p.add_argument("--checkpoint", required=True, help="an adapter folder (RUN/adapter) or a checkpoint folder")
-    p.add_argument("--split", default=None)
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder (RUN), its adapter folder (RUN/adapter) or a checkpoint (RUN/checkpoints/step-N)")
+    p.add_argument("--split", default=None, help="evaluation split (default: data.eval_split)")
     p.add_argument("--output", required=True, help="JSON file to write")
     p.set_defaults(func=cmd_eval)
 

@@ -66,3 +66,14 @@ def test_main_synth_writes_and_validates(tmp_path, capsys):
     assert main_synth(tmp_path / "s", 3, small=True) == 0
     out = capsys.readouterr().out
     assert out.count(": OK") == 3 and "BAD" not in out
+
+
+def test_a_truncated_annotation_file_is_one_bad_entry_not_an_abort(tmp_path, capsys):
+    fx.write_musicavqa(tmp_path)
+    train = tmp_path / "json" / "avqa-train.json"
+    val = train.with_name(train.name.replace("train", "val"))
+    val.write_text(train.read_text()[:40])  # cut mid-file
+    report = validate("musicavqa", tmp_path)
+    assert report.samples == {"train": 3} and len(report.bad) == 1  # train still checked
+    assert val.name in str(report.bad[0]) and not report.ok
+    assert main_validate(argparse.Namespace(format="musicavqa", root=str(tmp_path), split=None)) == 1

@@ -183,3 +183,19 @@ def test_label_window_logits_leave_every_loss_part_unchanged(small_corpus, tmp_p
     assert {"task", "distill", "retention"} <= set(parts[True]) == set(parts[False])
     for k in parts[False]:
         torch.testing.assert_close(parts[True][k], parts[False][k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_resume_truncation_drops_what_followed_the_checkpoint(tmp_path):
+    """Records after the checkpoint's step go, and so does the next phase's start logged at the same step (a
+    checkpoint at a phase's last step): the resumed run logs it again, once."""
+    from safe_av.training.loop import _truncate_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    records = [{"event": "phase_start", "step": 0, "phase": 1}, {"step": 4, "loss/total": 1.0},
+               {"event": "phase_start", "step": 4, "phase": 2}, {"step": 5, "loss/total": 0.9}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    _truncate_jsonl(log, 4, 0)  # checkpoint after step 4, the last of phase 1 (0-based 0)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == records[:2]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    _truncate_jsonl(log, 4, 1)  # a checkpoint already inside phase 2 keeps its start
+    assert [json.loads(line) for line in log.read_text().splitlines()] == records[:3]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safe_av.data.audio import check_audio
 from safe_av.data.formats import READERS, SPLITS
-from safe_av.data.records import BadEntry, ReadResult
+from safe_av.data.records import BadEntry, DataError, ReadResult
 from safe_av.data.synthetic import write_synthetic
 from safe_av.data.vision import ImageError, load_image
 
@@ -75,6 +75,9 @@ def validate(format: str, root: str | Path, splits: list[str] | None = None) -> 
             if splits:
                 raise
             report.missing_splits.append(split)
+            continue
+        except DataError as err:  # the annotation file itself is unreadable (truncated JSON, wrong top level)
+            report.bad.append(BadEntry(err.path, err.field, err.value, err.reason))
             continue
         report.samples[split] = len(result.samples)
         report.bad.extend(result.bad)

@@ -620,7 +620,7 @@ class Trainer:
         if self.curriculum is not None and self.state.curriculum:
             self.curriculum.load_state_dict(self.state.curriculum)
         if self.main:
-            _truncate_jsonl(self.out / "metrics.jsonl", self.state.global_step)
+            _truncate_jsonl(self.out / "metrics.jsonl", self.state.global_step, self.state.phase)
         log.info("resuming from %s (step %d, phase %d)", path, self.state.global_step, self.state.phase + 1)
         return path
 
@@ -734,12 +734,20 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records logged after ``step`` by a run that died before its next checkpoint."""
+def _truncate_jsonl(path: Path, step: int, phase: int | None = None) -> None:
+    """Drop records logged after the checkpoint of ``step`` (in 0-based ``phase``) by a run that went on past it:
+    later steps, and the start of a later phase at that same step (a checkpoint at a phase's last step is
+    followed by the next phase's ``phase_start``, which the resumed run logs again)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip()
-            and (json.loads(line).get("step") or 0) <= step]
+
+    def kept(record: dict) -> bool:
+        if (record.get("step") or 0) > step:
+            return False
+        return not (phase is not None and record.get("event") == "phase_start"
+                    and (record.get("phase") or 0) > phase + 1)
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
     path.write_text("".join(line + "\n" for line in keep))
 
 
