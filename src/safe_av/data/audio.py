@@ -148,8 +148,8 @@ def load_audio(
     )
 
 
-def check_audio(path: str | Path, *, min_seconds: float = 0.1, allow_silent: bool = False) -> str | None:
-    """Why an audio file is unusable, or None when it is fine (for validation).
+def audio_problem(path: str | Path, *, min_seconds: float = 0.1, allow_silent: bool = False) -> AudioError | None:
+    """Why an audio file is unusable (the error, naming its field), or None when it is fine (for validation).
 
     Reads the whole file (a corrupt body is caught, not only a bad header).
     Over-long, stereo or other-rate files are fine: the loader handles them.
@@ -157,13 +157,19 @@ def check_audio(path: str | Path, *, min_seconds: float = 0.1, allow_silent: boo
     try:
         x, sr, _ = read_mono(path)
     except AudioError as err:
-        return str(err)
+        return err
     duration = x.shape[0] / sr
     if duration < min_seconds:
-        return str(AudioError(path, "duration_s", round(duration, 4), f"too short (< {min_seconds} s)"))
+        return AudioError(path, "duration_s", round(duration, 4), f"too short (< {min_seconds} s)")
     if not allow_silent and float(np.abs(x).max()) <= SILENCE_PEAK:
-        return str(AudioError(path, "samples", "all ~0", "silent clip (peak <= -80 dBFS)"))
+        return AudioError(path, "samples", "all ~0", "silent clip (peak <= -80 dBFS)")
     return None
+
+
+def check_audio(path: str | Path, *, min_seconds: float = 0.1, allow_silent: bool = False) -> str | None:
+    """:func:`audio_problem` as a message (file, field, value, reason), or None when the file is fine."""
+    err = audio_problem(path, min_seconds=min_seconds, allow_silent=allow_silent)
+    return None if err is None else str(err)
 
 
 def probe_duration(path: str | Path) -> float | None:

@@ -1,7 +1,7 @@
 """``safe data validate``: read every record and open every file of a dataset.
 
 `validate` runs the format's reader over the splits, then checks each distinct
-audio file (`check_audio`: missing, corrupt, empty, too short, silent) and image
+audio file (`audio_problem`: missing, corrupt, empty, too short, silent) and image
 (`load_image`: missing, empty frame folder, unreadable). Problems are collected as
 `BadEntry` items; nothing raises except a missing annotation file for a split the
 caller asked for explicitly.
@@ -13,7 +13,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safe_av.data.audio import check_audio
+from safe_av.data.audio import audio_problem
 from safe_av.data.formats import READERS, SPLITS
 from safe_av.data.records import BadEntry, DataError, ReadResult
 from safe_av.data.synthetic import write_synthetic
@@ -99,16 +99,17 @@ def _check_media(result: ReadResult, checked: set[str], report: ValidationReport
                 continue
             checked.add(path)
             report.files_checked += 1
-            reason = check_audio(path) if kind == "audio" else _image_problem(path)
-            if reason:
+            err = audio_problem(path) if kind == "audio" else _image_problem(path)
+            if err is not None:  # the entry names the file once; the error's own field only when it is another
+                reason = err.reason if err.field == kind else f"{err.field} = {err.value!r}: {err.reason}"
                 report.bad.append(BadEntry(f"{sample.dataset} sample {sample.id}", kind, path, reason))
 
 
-def _image_problem(path: str) -> str | None:
+def _image_problem(path: str) -> ImageError | None:
     try:
         load_image(path)
     except ImageError as err:
-        return str(err)
+        return err
     return None
 
 
