@@ -104,6 +104,8 @@ def cmd_reproduce(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from safe_av.data.records import DATASETS
+
     parser = argparse.ArgumentParser(prog="safe", description="SAFE: teach a frozen VL model to hear.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--seed", type=int, default=0)
     q = dsub.add_parser("validate", help="read every record and open every file")
-    q.add_argument("--format", required=True, choices=["musicavqa", "audiocaps", "clotho", "avsd", "vqav2"])
+    q.add_argument("--format", required=True, choices=list(DATASETS))
     q.add_argument("--root", required=True)
     q.add_argument("--split", nargs="*", default=None, metavar="SPLIT",
                    help="splits to check (default: every standard split that has an annotation file); a named "

@@ -489,26 +489,23 @@ def to_dict(cfg: Any) -> dict:
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
+
+    def index(node: list, i: int) -> int:  # keys[i] as a position in the list keys[:i] names
+        k = keys[i]
+        if not k.isdigit() or int(k) >= len(node):
+            raise ConfigError(f"{dotted}: {'.'.join(keys[:i])} has {len(node)} entries "
+                              f"(indices 0-{len(node) - 1}), got {k!r}")
+        return int(k)
+
     node = data
     for i, k in enumerate(keys[:-1]):
         if isinstance(node, list):
-            if not k.isdigit() or int(k) >= len(node):
-                where = ".".join(keys[:i]) or dotted
-                raise ConfigError(f"{dotted}: {where} has {len(node)} entries (indices 0-{len(node) - 1}), "
-                                  f"got {k!r}")
-            node = node[int(k)]
+            node = node[index(node, i)]
             continue
         if k not in node or not isinstance(node[k], (dict, list)):
             node[k] = {}
         node = node[k]
-    last = keys[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"{dotted}: {'.'.join(keys[:-1])} has {len(node)} entries "
-                          f"(indices 0-{len(node) - 1}), got {last!r}")
-        node[int(last)] = value
-    else:
-        node[last] = value
+    node[index(node, len(keys) - 1) if isinstance(node, list) else keys[-1]] = value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -42,16 +42,14 @@ def predict(model, processor: SAFEProcessor, samples: list[Sample], *, batch_siz
                           with_answers=False, feature_cache=feature_cache)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=processor.collate)
     records = []
-    was_training = model.training
-    model.eval()
-    for batch in loader:
-        if batch.get("empty"):
-            continue
-        batch = move_batch(batch, model.device)
-        preds = model.generate_from_batch(batch, max_new_tokens=max_new_tokens, use_audio=use_audio)
-        for meta, pred in zip(batch["meta"], preds):
-            records.append(dict(meta, prediction=pred))
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in loader:
+            if batch.get("empty"):
+                continue
+            batch = move_batch(batch, model.device)
+            preds = model.generate_from_batch(batch, max_new_tokens=max_new_tokens, use_audio=use_audio)
+            for meta, pred in zip(batch["meta"], preds):
+                records.append(dict(meta, prediction=pred))
     return records
 
 

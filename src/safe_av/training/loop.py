@@ -136,7 +136,7 @@ class Trainer:
         self._build_model()
         self._build_cache()
         if self.main and cfg.train.trackers:
-            self.acc.init_trackers("safe", config={"seed": cfg.train.seed})
+            self.acc.init_trackers(TRACKER_PROJECT, config={"seed": cfg.train.seed})
 
     def _prepare_data(self) -> None:
         cfg = self.cfg
@@ -786,10 +786,10 @@ def train(cfg: SAFEConfig, output_dir: str | Path, *, resume: str | None = None,
     return Trainer(cfg, output_dir, resume=resume, overwrite=overwrite).train()
 
 
-# What a training run writes into its folder (the tracker's folder is named after the project, "safe").
-# `safe eval` outputs and anything else the user put there are left alone.
+TRACKER_PROJECT = "safe"  # accelerate's trackers write under RUN/<project>
+# What a training run writes into its folder; `safe eval` outputs and anything else the user put there stay.
 RUN_OUTPUTS = ("metrics.jsonl", "metrics.json", "report.html", "fisher.safetensors", "checkpoints", "adapter",
-               "plots", "safe")
+               "plots", TRACKER_PROJECT)
 
 
 class RunFolderError(ValueError):
