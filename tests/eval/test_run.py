@@ -162,6 +162,26 @@ def test_safe_eval_cli_writes_metrics_and_predictions(run, corpus, tmp_path, cap
     assert {r["id"]: r["prediction"] for r in recs} == preds[("avqa", "safe")]
 
 
+def test_feature_similarity_runs_in_eval_mode_and_restores_the_mode(corpus, monkeypatch):
+    """The trainer calls it on its training model: every forward (student and teacher) must see eval mode
+    (no LoRA/adapter dropout in the measurement), and the model goes back to training mode after."""
+    from safe_av.eval import evaluate as ev
+    from safe_av.training.data import read_corpus
+
+    cfg = make_cfg(corpus)
+    torch.manual_seed(0)
+    model = build_safe_model(cfg.model)
+    modes = []
+    for name in ("forward", "teacher_forward"):
+        orig = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda *a, _orig=orig, **k: modes.append(model.training) or _orig(*a, **k))
+    model.train()
+    vqa = read_corpus(cfg.data, ["vqav2"], "val").samples[:4]
+    value = ev.feature_similarity(model, SAFEProcessor.from_model(model), vqa)
+    assert value == pytest.approx(1.0, abs=1e-6)  # nothing in the base trained
+    assert modes and not any(modes) and model.training
+
+
 def test_shuffled_audio_equals_full_when_all_clips_are_identical(same_audio_corpus, tmp_path):
     cfg = make_cfg(same_audio_corpus)
     run_dir = fake_run(tmp_path / "run", cfg)
