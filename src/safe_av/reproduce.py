@@ -360,12 +360,35 @@ def _lm_attentions(model, batch: dict):
     return out.attentions, mask
 
 
+def _attn_implementations(config) -> dict:
+    """The attention implementation of ``config`` and of each sub-config, in ``set_attn_implementation``'s
+    nested-dict form (``""`` is the config's own)."""
+    out = {"": config._attn_implementation}
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            out[key] = _attn_implementations(sub)
+    return out
+
+
+@contextmanager
+def eager_attention(hf):
+    """transformers' eager attention inside the block (SDPA returns no maps); the model's own implementation of
+    every sub-model is restored after, also on an exception. No weight changes."""
+    before = _attn_implementations(hf.config)
+    hf.set_attn_implementation("eager")
+    try:
+        yield hf
+    finally:
+        hf.set_attn_implementation(before)
+
+
 def attention_correlation_eval(model, processor, samples, *, batch_size: int = 8) -> dict:
     """Pearson correlation of the LM attention maps of SAFE (audio removed) and of the original weights on
     the same VL inputs (image + question), all layers and heads, padding rows/columns left out.
 
     Needs eager attention (SDPA returns no maps): the base is switched with transformers'
-    ``set_attn_implementation("eager")``, which changes no weight.
+    ``set_attn_implementation("eager")`` (``eager_attention``), which changes no weight, and switched back after.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -378,10 +401,9 @@ def attention_correlation_eval(model, processor, samples, *, batch_size: int = 8
     hf = model.base.model
     if not hasattr(hf, "set_attn_implementation"):
         return {"value": None, "note": "transformers has no set_attn_implementation: attention maps unavailable"}
-    hf.set_attn_implementation("eager")
     rs, weights = [], []
     dataset = SAFEDataset(samples, sampling_rate=processor.sampling_rate, with_answers=False)
-    with ev.eval_mode(model), torch.no_grad():
+    with eager_attention(hf), ev.eval_mode(model), torch.no_grad():
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=processor.collate):
             if batch.get("empty"):
                 continue

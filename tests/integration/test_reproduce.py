@@ -216,3 +216,20 @@ def test_quick_markdown_has_the_spec_shape(quick):
         assert row.count("|") == len(REPORTED) + 2, row
     for ablation in ("no_fisher", "no_distillation", "no_curriculum", "no_attention_fusion"):
         assert any(line.startswith(f"| {ablation} |") for line in lines), ablation
+
+
+@pytest.mark.parametrize("base", ["tiny-blip2-opt", "tiny-llava"])
+def test_eager_attention_is_restored_for_every_sub_model(tiny_models, base):
+    from safe_av.reproduce import eager_attention
+
+    hf = tiny_models(base)[1].model
+    subs = [k for k in hf.config.sub_configs if getattr(hf.config, k, None) is not None]
+    before = {k: getattr(hf.config, k)._attn_implementation for k in subs}
+    assert set(before.values()) == {"sdpa"}, before
+    with eager_attention(hf):
+        assert {getattr(hf.config, k)._attn_implementation for k in subs} == {"eager"}
+    assert {k: getattr(hf.config, k)._attn_implementation for k in subs} == before
+    with pytest.raises(RuntimeError), eager_attention(hf):
+        raise RuntimeError("boom")
+    assert {k: getattr(hf.config, k)._attn_implementation for k in subs} == before
+    assert hf.config._attn_implementation == "sdpa"
