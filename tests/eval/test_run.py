@@ -312,6 +312,8 @@ def test_infer_jsonl_reports_bad_lines_and_goes_on(run, media, tmp_path, capsys,
     assert "answered 3 of 8 lines, 5 failed" in err
     assert records[0]["answer"] == loaded.answer("How many instruments are sounding?", image=image, audio=audio)
     assert records[1]["answer"] == loaded.answer("What is on the left?", image=image)
+    assert records[2]["audio"] == "clip.wav"  # echoed as written, though read from the JSONL's folder
+    assert records[2]["answer"] == loaded.answer("Is a piano playing?", audio=tmp_path / "clip.wav")
 
 
 def test_api_answer_and_batch(run, media, loaded):

@@ -619,12 +619,17 @@ def _jsonl_requests(path: Path) -> list[tuple[int, dict | None, str | None]]:
             if bad:
                 out.append((n, obj, f"{where}: field {bad[0]!r} must be a string, got {type(obj[bad[0]]).__name__}"))
                 continue
-            base = path.parent
-            for k in ("image", "audio"):  # relative paths: from the working directory, else from the JSONL's folder
-                if obj.get(k) and not Path(obj[k]).is_absolute() and not Path(obj[k]).exists() \
-                        and (base / obj[k]).exists():
-                    obj[k] = str(base / obj[k])
             out.append((n, obj, None))
+    return out
+
+
+def _resolve_input(obj: dict, base: Path) -> dict:
+    """``obj`` with relative image/audio paths read from the working directory, else from ``base`` (the JSONL's
+    folder). The request itself is left as written: the output echoes it."""
+    out = dict(obj)
+    for k in ("image", "audio"):
+        if out.get(k) and not Path(out[k]).is_absolute() and not Path(out[k]).exists() and (base / out[k]).exists():
+            out[k] = str(base / out[k])
     return out
 
 
@@ -665,7 +670,8 @@ def infer_main(args) -> int:
     for n, obj, err in requests:
         if err is None:
             try:
-                good.append((n, obj, model.prepare(obj["question"], obj.get("image"), obj.get("audio"),
+                req = _resolve_input(obj, src.parent)
+                good.append((n, obj, model.prepare(req["question"], req.get("image"), req.get("audio"),
                                                    where=f"{src}:{n}")))
                 continue
             except InputError as e:
