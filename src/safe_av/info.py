@@ -622,7 +622,10 @@ def frozen_prefix_tokens(cfg: SAFEConfig, tr: Trainability, lm_kind: str, visual
     before the audio tokens - the visual tokens (``after_image``) or the visual tokens and the prompt
     (``before_answer``) - when ``model.frozen_prefix`` is on, the LM is decoder-only, nothing in the base
     trains and there is no gradient checkpointing; else 0. Unpadded rows (a batch's shortest padding)."""
-    if not cfg.model.frozen_prefix or lm_kind != "decoder" or checkpointing or tr.lora or tr.unfrozen:
+    from safe_av.models.safe_model import frozen_prefix_applies
+
+    if not frozen_prefix_applies(enabled=cfg.model.frozen_prefix, encoder_decoder=lm_kind != "decoder",
+                                 checkpointing=checkpointing, base_trains=bool(tr.lora or tr.unfrozen)):
         return 0
     prompt = max(text_tokens - answer_tokens, 0)
     return visual_tokens + (prompt if cfg.model.audio_position == "before_answer" else 0)

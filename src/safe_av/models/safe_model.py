@@ -335,10 +335,10 @@ class SAFEModel(nn.Module):
         ``model.frozen_prefix=false``.
         """
         embeds, visual = inputs["embeds"], inputs["visual"]
-        if (not self.frozen_prefix or not torch.is_grad_enabled() or not embeds.requires_grad
-                or self.base.is_encoder_decoder
-                or self.base_trains or (visual is not None and visual.requires_grad)
-                or self.base.checkpointing):
+        if (not frozen_prefix_applies(enabled=self.frozen_prefix, encoder_decoder=self.base.is_encoder_decoder,
+                                      checkpointing=self.base.checkpointing, base_trains=self.base_trains)
+                or not torch.is_grad_enabled() or not embeds.requires_grad
+                or (visual is not None and visual.requires_grad)):
             return 0
         first = _first_column(inputs["input_ids"] == self.audio_token_id)
         return 0 if first is None else first
@@ -534,6 +534,13 @@ def _kept_order(keep: torch.Tensor, *, front: bool) -> torch.Tensor:
     its original order (a stable sort of the keep flags)."""
     key = (~keep if front else keep).to(torch.uint8)
     return torch.argsort(key, dim=1, stable=True)
+
+
+def frozen_prefix_applies(*, enabled: bool, encoder_decoder: bool, checkpointing: bool, base_trains: bool) -> bool:
+    """Whether a step may run the positions before the audio without autograd, as far as the set-up decides
+    (``model.frozen_prefix`` on, a decoder-only LM, no gradient checkpointing, nothing in the base training).
+    ``SAFEModel._frozen_prefix`` adds what only the batch tells; ``safe info`` predicts memory with this."""
+    return enabled and not encoder_decoder and not checkpointing and not base_trains
 
 
 def _first_column(mask: torch.Tensor) -> int | None:
