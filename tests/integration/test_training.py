@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safe_av.training.loop import RunFolderError, Stopped, Trainer
+from safe_av.training.loop import ResumeConfigError, RunFolderError, Stopped, Trainer, config_changes
 from tests.integration.conftest import losses_by_step as _losses, tiny_train_config
 
 
@@ -107,6 +107,43 @@ def test_fresh_run_into_an_earlier_runs_folder_is_refused_or_overwritten(full_ru
     Trainer(cfg, run, overwrite=True)._clear_previous_run()
     assert sorted(p.name for p in run.iterdir()) == ["eval-val.json", "plots"]
     Trainer(cfg, run)._clear_previous_run()  # nothing left to refuse
+
+
+def test_config_changes_lists_every_differing_leaf():
+    old = {"model": {"fusion": {"num_heads": 4}}, "train": {"phases": [{"lr": {"a": 1.0}}, {"lr": {"a": 2.0}}]}}
+    new = {"model": {"fusion": {"num_heads": 8}}, "train": {"phases": [{"lr": {"a": 1.0}}, {"lr": {"a": 3.0}}]},
+           "eval": {"batch_size": 4}}
+    assert config_changes(old, new) == [("model.fusion.num_heads", 4, 8), ("train.phases.1.lr.a", 2.0, 3.0),
+                                        ("eval", None, {"batch_size": 4})]
+    assert config_changes(old, old) == []
+
+
+def test_resume_with_another_model_section_is_refused_before_writing(full_run, tmp_path, caplog):
+    """--resume compares the config with the checkpoint's first: a changed model section is refused (exit 2 in
+    the CLI) before config.yaml or anything else is rewritten; other changes are named in a warning."""
+    import copy
+    import logging
+    import shutil
+
+    cfg, tmp, _ = full_run
+    run = tmp_path / "run"
+    shutil.copytree(tmp / "run", run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    changed = copy.deepcopy(cfg)
+    changed.model.projector.hidden_dim *= 2
+    with pytest.raises(ResumeConfigError, match=r"model.projector.hidden_dim: 32 -> 64.*--config .*config.yaml"):
+        Trainer(changed, run, resume="latest").train()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    lr = copy.deepcopy(cfg)
+    lr.train.phases[1].lr["fusion"] = 0.5
+    lr.train.log_every = 3  # reporting only: not named
+    with caplog.at_level(logging.WARNING, logger="safe_av.training.loop"):
+        Trainer(lr, run, resume="latest")._check_resume_config()
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "train.phases.1.lr.fusion" in text and "-> 0.5" in text and "log_every" not in text
+    caplog.clear()
+    Trainer(cfg, run, resume="latest")._check_resume_config()  # the same config: silent
+    assert not caplog.records
 
 
 class _Snapshots(Trainer):

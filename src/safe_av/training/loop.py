@@ -369,6 +369,8 @@ class Trainer:
     def train(self) -> dict:
         if not self.resume:
             self._clear_previous_run()
+        else:
+            self._check_resume_config()
         self.setup()
         self._eval_subsets()
         self.curriculum = self._build_curriculum()
@@ -608,6 +610,28 @@ class Trainer:
         value = self.state.last_eval.get(self.cfg.train.best_metric)
         return None if value is None else (self.cfg.train.best_metric, float(value), "max")
 
+    def _check_resume_config(self) -> None:
+        """Compare the config with the one the checkpoint to resume was trained with, before anything is
+        written: a changed ``model`` section is refused (the adapter's tensors would not fit it, or would mean
+        something else); other changes are logged as a warning, naming each key (the run then differs from
+        an uninterrupted one), except :data:`RESUME_FREE` (where files are, how the run reports)."""
+        path = ckpt.find_latest(self.out) if self.resume == "latest" else Path(self.resume)
+        if path is None or not (path / "config.yaml").is_file():
+            return
+        import yaml
+
+        old = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        changes = [c for c in config_changes(old, to_dict(self.cfg)) if not c[0].startswith(RESUME_FREE)]
+        model = [c for c in changes if c[0].startswith("model.")]
+        show = lambda cs: "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in cs)  # noqa: E731
+        if model:
+            raise ResumeConfigError(
+                f"--resume {path}: the checkpoint was trained with another model section ({show(model)}); resume "
+                f"with its config (--config {path / 'config.yaml'}), or start a fresh run")
+        if changes:
+            log.warning("--resume %s: config differs from the checkpoint's (%s); the run will differ from an "
+                        "uninterrupted one", path, show(changes))
+
     def _maybe_resume_state(self) -> Path | None:
         if not self.resume:
             return None
@@ -792,6 +816,28 @@ RUN_OUTPUTS = ("metrics.jsonl", "metrics.json", "report.html", "fisher.safetenso
                "plots", TRACKER_PROJECT)
 
 
+#: config keys (dotted prefixes) a resume may change silently: where files are and how the run reports
+RESUME_FREE = ("data.root", "data.feature_cache", "data.num_workers", "train.pretrain.cache_dir",
+               "train.checkpoint_every", "train.keep_last", "train.log_every", "train.trackers", "eval.batch_size")
+
+
+class ResumeConfigError(ValueError):
+    """``safe train --resume`` with a config whose ``model`` section differs from the checkpoint's."""
+
+
+def config_changes(old, new, path: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, old value, new value)`` for every leaf that differs between two config dicts (a key
+    only one side has counts, with ``None`` on the other side; list entries by index)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in list(old) + [k for k in new if k not in old]:
+            out += config_changes(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in config_changes(a, b, f"{path}.{i}")]
+    return [] if old == new else [(path, old, new)]
+
+
 class RunFolderError(ValueError):
     """``safe train`` into a folder that already holds a run, without ``--resume`` or ``--overwrite``."""
 
@@ -806,4 +852,5 @@ def previous_run_outputs(folder: Path) -> list[str]:
     return found
 
 
-__all__ = ["Trainer", "TrainState", "train", "evaluate_run", "Corpus", "RunFolderError", "previous_run_outputs"]
+__all__ = ["Trainer", "TrainState", "train", "evaluate_run", "Corpus", "RunFolderError", "previous_run_outputs",
+           "ResumeConfigError", "config_changes", "RESUME_FREE"]
