@@ -88,9 +88,8 @@ def _write_synthetic_run(run_dir: Path, n_steps: int = 120) -> Path:
                 {
                     "step": step,
                     "eval/vl_retention": 0.99 - step / 4000,
-                    "eval/vqa_accuracy": 0.62 - step / 8000,
-                    "eval/avqa_accuracy": 0.4 + step / 600,
-                    "eval/avqa_accuracy_by_type": BY_TYPE,
+                    "eval/stage_audio_accuracy": 0.4 + step / 600,
+                    "stage": "foundation",
                 }
             )
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")

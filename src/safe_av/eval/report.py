@@ -207,22 +207,18 @@ def _line_plot(
     return True
 
 
-def _by_type_values(summary: dict[str, Any], log: RunLog) -> dict[str, float]:
-    """AVQA accuracy per type from metrics.json, else from the last eval record that has it."""
-    candidates = [summary.get("avqa_accuracy_by_type")]
-    candidates += [r.get("eval/avqa_accuracy_by_type") for r in reversed(log.evals)]
-    for raw in candidates:
-        if not isinstance(raw, dict):
-            continue
-        # The full avqa_accuracy() result may have been stored: use its official table.
-        if isinstance(raw.get("table"), dict):
-            raw = raw["table"]
-        elif isinstance(raw.get("by_type"), dict):
-            raw = raw["by_type"]
-        values = {str(k): float(v) for k, v in raw.items() if _is_number(v)}
-        if values:
-            return values
-    return {}
+def _by_type_values(summary: dict[str, Any]) -> dict[str, float]:
+    """AVQA accuracy per type from metrics.json (the final evaluation; eval records during training hold no
+    per-type accuracy)."""
+    raw = summary.get("avqa_accuracy_by_type")
+    if not isinstance(raw, dict):
+        return {}
+    # The full avqa_accuracy() result may have been stored: use its official table.
+    if isinstance(raw.get("table"), dict):
+        raw = raw["table"]
+    elif isinstance(raw.get("by_type"), dict):
+        raw = raw["by_type"]
+    return {str(k): float(v) for k, v in raw.items() if _is_number(v)}
 
 
 def _scenario_of(label: str) -> str:
@@ -337,7 +333,7 @@ def _make_plots(run_dir: Path, log: RunLog, summary: dict[str, Any]) -> list[tup
         if _line_plot(plots_dir / spec.name, spec.title, spec.ylabel, curves, log.events, **kwargs):
             drawn.append((spec.name, spec.title, spec.caption))
         if spec.name == "retention.png" and _bar_plot(
-            plots_dir / "avqa_by_type.png", _by_type_values(summary, log), summary
+            plots_dir / "avqa_by_type.png", _by_type_values(summary), summary
         ):
             drawn.append(("avqa_by_type.png", "AVQA accuracy per question type", _BAR_CAPTION))
     return drawn
@@ -541,7 +537,7 @@ def _render(run_dir: Path, log: RunLog, summary: dict[str, Any], problem: str | 
 {_events_html(log.events)}
 <h2>Plots</h2>
 {plots_html}
-{_by_type_table(_by_type_values(summary, log))}
+{_by_type_table(_by_type_values(summary))}
 <footer>Metric definitions: docs/metrics.md · safe_av.eval.report</footer>
 </main>
 </body>
