@@ -808,10 +808,20 @@ def _ensure_data(cfg, quick: bool) -> None:
         ensure_synthetic(cfg.data)
 
 
+def _config_path(args) -> str:
+    """``--config``, else :data:`DEFAULT_CONFIG` (relative to the working directory) when it is there."""
+    if args.config:
+        return args.config
+    if not Path(DEFAULT_CONFIG).is_file():
+        raise FileNotFoundError(f"no --config given, and the default {DEFAULT_CONFIG} is not under the working "
+                                f"directory {Path.cwd()}: run from the repository root or pass --config FILE")
+    return DEFAULT_CONFIG
+
+
 def _load_base_config(args, out: Path):
     from safe_av.config import load_config
 
-    path = args.config or DEFAULT_CONFIG
+    path = _config_path(args)
     sets = list(getattr(args, "set", None) or [])
     quick = bool(getattr(args, "quick", False))
     if quick:
@@ -839,6 +849,7 @@ def main(args) -> int:
     """``safe reproduce --output-dir DIR [--config FILE] [--set K=V ...] [--seeds N] [--quick]``."""
     t0 = time.time()
     out = Path(args.output_dir).resolve()
+    _config_path(args)  # a missing default config fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     quick = bool(getattr(args, "quick", False))
     config_path, cfg, scale = _load_base_config(args, out)

@@ -233,3 +233,13 @@ def test_eager_attention_is_restored_for_every_sub_model(tiny_models, base):
         raise RuntimeError("boom")
     assert {k: getattr(hf.config, k)._attn_implementation for k in subs} == before
     assert hf.config._attn_implementation == "sdpa"
+
+
+def test_default_config_outside_the_repository_root_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from safe_av.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli(["reproduce", "--output-dir", str(tmp_path / "r"), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "no --config given" in err and "configs/demo.yaml" in err and "--config FILE" in err
+    assert not (tmp_path / "r").exists()
