@@ -1,5 +1,7 @@
 """Frozen-feature cache: an epoch without the encoder, features equal to on-line ones, invalidation."""
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -106,3 +108,25 @@ def test_a_skipped_sample_warns_once_per_process_and_is_counted_every_time(tiny_
     records = [r for r in caplog.records if "warn-once-1" in r.getMessage()]
     assert [r.levelname for r in records] == ["WARNING", "DEBUG", "DEBUG"]
     assert "corrupt.wav" in records[0].getMessage()  # the file's own problem, not "not in the feature cache"
+
+
+def test_safe_data_cache_command_fills_the_cache_and_leaves_nothing_else(small_corpus, tmp_path, capsys):
+    """`safe data cache` encodes every split's audio once into --out: one fingerprint folder, no run folder of
+    the model it built for it; a second call finds everything cached."""
+    from safe_av.cli import main as cli
+    from safe_av.config import save_config
+    from tests.integration.conftest import tiny_train_config
+
+    cfg = tiny_train_config(small_corpus, tmp_path, **{"train.pretrain.enabled": "false"})
+    save_config(cfg, tmp_path / "cfg.yaml")
+    out = tmp_path / "features"
+    assert cli(["data", "cache", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    [namespace] = list(out.iterdir())
+    assert {p.name for p in namespace.iterdir()} == {"config.json", "index.json", "shard-00000.safetensors"}
+    n = len(json.loads((namespace / "index.json").read_text()))
+    assert n > 10 and f"'new': {n}" in first
+    assert cli(["data", "cache", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 0
+    second = capsys.readouterr().out
+    assert f"'cached_before': {n}" in second and "'new': 0" in second
+    assert len(list(namespace.iterdir())) == 3

@@ -195,9 +195,13 @@ def main_cache(cfg, args) -> int:
     if cfg.data.audio_augment:
         print("safe data cache: refused: data.audio_augment is on (features would change every epoch)")
         return 2
+    import tempfile
+
     cfg.data.feature_cache = None  # build with the encoder itself
-    trainer = Trainer(cfg, Path(folder) / "build-run")
-    trainer.setup()
+    cfg.train.trackers = []
+    with tempfile.TemporaryDirectory(prefix="safe-cache-") as scratch:  # the Trainer's run folder: not kept
+        trainer = Trainer(cfg, scratch)
+        trainer.setup()
     names = sorted({d for p in cfg.train.phases for d in p.datasets} | {cfg.data.avqa_dataset})
     paths = []
     for name in names:
