@@ -77,10 +77,15 @@ def cmd_fisher(args) -> int:
     if not any("base" in p.train and p.unfreeze for p in cfg.train.phases):
         print("no phase unfreezes base modules: there is nothing for the Fisher penalty to protect", file=sys.stderr)
         return 2
+    import tempfile
+
     cfg.loss.fisher_path = args.output
-    trainer = Trainer(cfg, args.output_dir)
-    trainer.setup()
-    trainer._setup_fisher()
+    with tempfile.TemporaryDirectory(prefix="safe-fisher-") as scratch:
+        if args.output_dir is None:  # the set-up's run folder is not kept
+            cfg.train.trackers = []
+        trainer = Trainer(cfg, args.output_dir or scratch)
+        trainer.setup()
+        trainer._setup_fisher()
     print(f"wrote {args.output}")
     return 0
 
@@ -157,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fisher", help="estimate the diagonal Fisher on VL batches and write it")
     _add_config(p)
     p.add_argument("--output", required=True, help="safetensors file")
-    p.add_argument("--output-dir", default="runs/fisher")
+    p.add_argument("--output-dir", default=None,
+                   help="keep the set-up's run folder (resolved config, tracker logs) here; default: a temporary one")
     p.set_defaults(func=cmd_fisher)
 
     p = sub.add_parser("info", help="parameters and memory per component (offline)")
