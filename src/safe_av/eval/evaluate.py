@@ -66,13 +66,25 @@ def shuffled_audio(samples: list[Sample]) -> list[Sample]:
     return [dataclasses.replace(s, audio=nxt[s.audio]) if s.audio is not None else s for s in samples]
 
 
-def score_vqa(records: list[dict]) -> float:
-    """Mean official VQA accuracy (fraction)."""
-    return sum(vqa_accuracy(r["prediction"], r["answers"]) for r in records) / max(len(records), 1)
+def loaded(samples: list[Sample], records: list[dict]) -> list[Sample]:
+    """The ``samples`` that gave a record in ``records`` (their files loaded), in order: the set every other
+    condition and baseline of the same evaluation is scored on."""
+    seen = {(r["dataset"], r["id"]) for r in records}
+    return [s for s in samples if (s.dataset, s.id) in seen]
+
+
+def score_vqa(records: list[dict]) -> float | None:
+    """Mean official VQA accuracy (fraction); ``None`` without records (every sample failed to load)."""
+    if not records:
+        return None
+    return sum(vqa_accuracy(r["prediction"], r["answers"]) for r in records) / len(records)
 
 
 def score_avqa(records: list[dict]) -> dict:
-    """Official-style AVQA table + the audio-dependent subset."""
+    """Official-style AVQA table + the audio-dependent subset (every value ``None`` without records)."""
+    if not records:
+        return {"overall": None, "n": 0, "by_type": {}, "by_scenario": {}, "counts": {}, "table": {},
+                "audio_dependent": None, "temporal": None}
     for r in records:
         r["correct"] = normalize_answer(r["prediction"]) == normalize_answer(r["answers"][0])
     out = avqa_accuracy(records)

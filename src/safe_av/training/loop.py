@@ -50,6 +50,8 @@ class TrainState:
     skipped_samples: int = 0
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
+    empty_in_a_row: int = 0
+    truncated_audio: int = 0
     original_vqa_accuracy: float | None = None
     original_vqa_subset: float | None = None
     best: float | None = None
@@ -59,6 +61,14 @@ class TrainState:
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class DataUnreadableError(ValueError):
+    """Training steps in a row found no sample whose files could be loaded."""
+
+
+#: optimizer steps in a row without one loadable sample before training stops (a skipped one is counted)
+EMPTY_STEPS_LIMIT = 10
 
 
 class Stopped(Exception):
@@ -150,7 +160,8 @@ class Trainer:
         self.train_corpus = read_corpus(cfg.data, names, "train")
         eval_names = sorted({cfg.data.vqa_dataset, cfg.data.avqa_dataset} & set(names) | {cfg.data.vqa_dataset})
         self.eval_corpus = read_corpus(cfg.data, eval_names, cfg.data.eval_split)
-        self.bad_annotations = len(self.train_corpus.bad) + len(self.eval_corpus.bad)
+        # once each: with data.eval_split=train both corpora read the same files
+        self.bad_annotations = len({str(b) for b in self.train_corpus.bad + self.eval_corpus.bad})
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -351,15 +362,16 @@ class Trainer:
         """VQA accuracy on the held-out subset over the original model's (None without VQA data)."""
         if not (self.vqa_subset and self.state.original_vqa_subset):
             return None
-        return ev.score_vqa(self._predict(self.vqa_subset)) / self.state.original_vqa_subset
+        score = ev.score_vqa(self._predict(self.vqa_subset))
+        return None if score is None else score / self.state.original_vqa_subset
 
     def _stage_eval(self, stage: CurriculumStage) -> tuple[float | None, float | None]:
         """Held-out VL retention and the stage's audio accuracy (its difficulties, audio-dependent questions)."""
         retention = self._retention()
         pool = [s for s in self.avqa_dep if s.difficulty in stage.difficulties][: self.cfg.curriculum.eval_samples]
         audio_acc = None
-        if pool:
-            recs = self._predict(pool)
+        recs = self._predict(pool) if pool else []
+        if recs:  # none when every clip of the pool failed to load (each skip is logged)
             audio_acc = sum(ev.normalize_answer(r["prediction"]) == ev.normalize_answer(r["answers"][0])
                             for r in recs) / len(recs)
         return retention, audio_acc
@@ -461,7 +473,10 @@ class Trainer:
         for micro in range(accum):
             batch = stream.next()
             st.skipped_samples += int(batch.get("skipped", 0))
-            if batch.get("empty"):
+            st.truncated_audio += int(batch.get("audio_truncated", 0))
+            if self._any_rank_empty(bool(batch.get("empty"))):
+                # every rank skips this micro-batch together: a rank without a backward would leave the
+                # others waiting in the gradient all-reduce
                 continue
             n_samples += batch["input_ids"].shape[0]
             n_tokens += int(batch["attention_mask"].sum())  # on the host, before the move
@@ -475,6 +490,9 @@ class Trainer:
             for k, v in [*((f"loss/{k}", v) for k, v in parts.items()), ("loss/total", loss)]:
                 v = v.detach().float() / accum
                 sums[k] = sums[k] + v if k in sums else v
+        if not sums:  # no micro-batch had a loadable sample: nothing to learn from
+            return self._skip_empty_step(optim, sched)
+        st.empty_in_a_row = 0
         if self.acc.num_processes > 1:  # one rank's non-finite loss skips the step on all of them
             finite_t = self.acc.gather(finite_t.reshape(1).float()).min() > 0
         params = [p for group in optim.param_groups for p in group["params"]]  # the trained ones, no model walk
@@ -502,6 +520,32 @@ class Trainer:
         totals["grad_norm"] = grad_norm
         totals["_samples"], totals["_tokens"] = n_samples, n_tokens
         return totals
+
+    def _any_rank_empty(self, empty: bool) -> bool:
+        """Whether this micro-batch is empty on any rank (one small gather with several processes)."""
+        if self.acc.num_processes == 1:
+            return empty
+        flag = torch.tensor([float(empty)], device=self.acc.device)
+        return bool(self.acc.gather(flag).max() > 0)
+
+    def _skip_empty_step(self, optim, sched) -> None:
+        """An optimizer step none of whose micro-batches had a loadable sample: skipped and counted as such; a
+        run of them means the phase's data cannot be read, which stops training with a clear error."""
+        st = self.state
+        optim.zero_grad(set_to_none=True)
+        st.skipped_steps += 1
+        st.empty_in_a_row += 1
+        self._log_jsonl({"event": "skipped_step", "step": st.global_step + 1,
+                         "reason": "no sample of the batch could be loaded (see the skipped-sample warnings)"})
+        if st.empty_in_a_row >= EMPTY_STEPS_LIMIT:
+            phase = self.cfg.train.phases[st.phase]
+            raise DataUnreadableError(
+                f"phase {phase.name!r}: {st.empty_in_a_row} optimizer steps in a row had no loadable sample "
+                f"({st.skipped_samples} samples skipped so far) from datasets {sorted(phase.datasets)} under "
+                f"{self.cfg.data.root}: their audio or image files cannot be read; the warnings above name them, "
+                f"`safe data validate` lists them all")
+        sched.step()
+        return None
 
     def _phase_flops(self, index: int) -> tuple[float | None, float | None]:
         """Model FLOPs of one optimizer step of this phase and the device's peak (MFU; GPUs with a known peak)."""
@@ -665,18 +709,22 @@ class Trainer:
 
     def finish(self) -> dict:
         """Final evaluation, adapter, metrics.json and the report."""
+        from safe_av.eval.run import json_safe
+
         st = self.state
-        metrics = evaluate_run(self)
-        metrics.update(curriculum_stages=self._stage_starts(), skipped_samples=st.skipped_samples,
-                       skipped_steps=st.skipped_steps, bad_annotations=self.bad_annotations, steps=st.global_step,
-                       phase_starts=st.phase_starts, train_seconds=round(time.time() - self.t0, 1))
-        if self.main:
+        if self.main:  # first: an evaluation that fails must not cost the trained adapter
             base_path = str(Path(self.base_path).resolve()) if self.base_path else None
             audio_path = str(Path(self.audio_path).resolve()) if self.audio_path else None
             self.model.save_pretrained(self.out / "adapter", extra_config={
                 "base": self.cfg.model.base, "audio_encoder": self.cfg.model.audio_encoder, "base_path": base_path,
                 "audio_encoder_path": audio_path, "model": to_dict(self.cfg.model)})
-            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        metrics = evaluate_run(self)
+        metrics.update(curriculum_stages=self._stage_starts(), skipped_samples=st.skipped_samples,
+                       skipped_steps=st.skipped_steps, truncated_audio=st.truncated_audio,
+                       bad_annotations=self.bad_annotations, steps=st.global_step,
+                       phase_starts=st.phase_starts, train_seconds=round(time.time() - self.t0, 1))
+        if self.main:
+            (self.out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
             try:
                 from safe_av.eval.report import write_report
 
@@ -694,17 +742,24 @@ def evaluate_run(trainer: Trainer) -> dict:
     """The metrics ``metrics.json`` promises (see docs/interfaces.md)."""
     t = trainer
     out: dict = {"original_vqa_accuracy": t.state.original_vqa_accuracy}
+    counts: dict = {}
     if t.vqa_eval:
-        safe_vqa = ev.score_vqa(t._predict(t.vqa_eval))
+        recs = t._predict(t.vqa_eval)
+        counts["vqa"] = {"evaluated": len(recs), "skipped": len(t.vqa_eval) - len(recs)}
+        safe_vqa = ev.score_vqa(recs)
         out["safe_vqa_accuracy"] = safe_vqa
         orig = t.state.original_vqa_accuracy
-        out["vl_retention"] = safe_vqa / orig if orig else None
-        out["feature_similarity"] = ev.feature_similarity(t.model, t.processor, t.vqa_eval[:64])
+        out["vl_retention"] = safe_vqa / orig if (orig and safe_vqa is not None) else None
+        out["feature_similarity"] = ev.feature_similarity(t.model, t.processor, ev.loaded(t.vqa_eval, recs)[:64])
     if t.avqa_eval:
-        full = ev.score_avqa(t._predict(t.avqa_eval))
-        masked = ev.score_avqa(t._predict(t.avqa_eval, use_audio=False))
-        shuffled = ev.score_avqa(t._predict(t.avqa_eval, shuffle_audio=True))
-        base = ev.chance_accuracy(t.train_corpus.of(t.cfg.data.avqa_dataset), t.avqa_eval)
+        recs = t._predict(t.avqa_eval)
+        # every condition and baseline on the questions whose files loaded, so they compare the same set
+        kept = ev.loaded(t.avqa_eval, recs)
+        counts["avqa"] = {"evaluated": len(kept), "skipped": len(t.avqa_eval) - len(kept)}
+        full = ev.score_avqa(recs)
+        masked = ev.score_avqa(t._predict(kept, use_audio=False))
+        shuffled = ev.score_avqa(t._predict(kept, shuffle_audio=True))
+        base = ev.chance_accuracy(t.train_corpus.of(t.cfg.data.avqa_dataset), kept)
         out.update(
             avqa_accuracy=full["overall"], avqa_accuracy_by_type=full["table"],
             audio_dependent_accuracy=full["audio_dependent"], temporal_accuracy=full["temporal"],
@@ -716,6 +771,12 @@ def evaluate_run(trainer: Trainer) -> dict:
             audio_dependent_chance_accuracy=base["audio_dependent_chance"],
             audio_dependent_majority_accuracy=base["audio_dependent_majority"],
         )
+    out["eval_samples"] = counts
+    out["eval_skipped_samples"] = sum(c["skipped"] for c in counts.values())
+    if out["eval_skipped_samples"]:
+        log.warning("final evaluation: %s question(s) skipped because their files could not be loaded (%s)",
+                    out["eval_skipped_samples"], ", ".join(f"{k}: {v['skipped']} of {v['evaluated'] + v['skipped']}"
+                                                           for k, v in counts.items() if v["skipped"]))
     return out
 
 

@@ -1,0 +1,64 @@
+"""Training and its evaluation when media files cannot be read: skipped, counted, reported; never a crash."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from safe_av.data.formats import read
+from safe_av.training import loop
+from safe_av.training.loop import DataUnreadableError, Trainer
+from tests.integration.conftest import tiny_train_config
+
+
+def _corpus_without(small_corpus, tmp_path, dataset: str, split: str):
+    """A copy of the small corpus with every audio file of ``dataset``'s ``split`` deleted; their number."""
+    root = tmp_path / "corpus"
+    shutil.copytree(small_corpus, root)
+    files = {s.audio for s in read(dataset, root / dataset, split).samples if s.audio}
+    for f in files:
+        Path(f).unlink()
+    return root, len(files)
+
+
+def _cfg(root, tmp_path, **kw):
+    return tiny_train_config(root, tmp_path, **{"train.pretrain.enabled": "false", **kw})
+
+
+def test_steps_without_a_loadable_sample_are_skipped_then_stop_with_a_clear_error(small_corpus, tmp_path,
+                                                                                 monkeypatch):
+    root, n = _corpus_without(small_corpus, tmp_path, "audiocaps", "train")
+    assert n == 4  # phase 1 trains on these clips only: every batch is empty
+    # a few empty steps: skipped and counted, the run goes on to the phases whose data loads
+    monkeypatch.setattr(loop, "EMPTY_STEPS_LIMIT", 100)
+    metrics = Trainer(_cfg(root, tmp_path, **{"train.phases.0.max_steps": 3}), tmp_path / "a").train()
+    assert metrics["skipped_steps"] == 3 and metrics["skipped_samples"] >= 12
+    events = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [e for e in events if e.get("event") == "skipped_step"]
+    assert [e["step"] for e in skipped] == [1, 2, 3] and "could be loaded" in skipped[0]["reason"]
+    # a run of them: the data cannot be read, said plainly instead of a KeyError deep in the loop
+    monkeypatch.setattr(loop, "EMPTY_STEPS_LIMIT", 5)
+    with pytest.raises(DataUnreadableError, match=r"phase 'p1': 5 optimizer steps in a row had no loadable sample "
+                                                  r"\(20 samples skipped so far\) from datasets \['audiocaps'\]"):
+        Trainer(_cfg(root, tmp_path, **{"train.phases.0.max_steps": 8}), tmp_path / "b").train()
+
+
+def test_unreadable_evaluation_clips_are_counted_and_the_adapter_is_kept(small_corpus, tmp_path):
+    """Every MUSIC-AVQA evaluation clip missing: the curriculum's stage evaluations find nothing to score (no
+    division by zero), the final AVQA metrics are null with the skip counted, and the adapter is saved."""
+    root, n = _corpus_without(small_corpus, tmp_path, "musicavqa", "val")
+    assert n == 1
+    run = tmp_path / "run"
+    metrics = Trainer(_cfg(root, tmp_path), run).train()
+    assert (run / "adapter" / "adapter.safetensors").is_file()
+    saved = json.loads((run / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert saved["eval_samples"]["avqa"] == {"evaluated": 0, "skipped": 9}
+    assert saved["eval_samples"]["vqa"]["skipped"] == 0 and saved["eval_samples"]["vqa"]["evaluated"] > 0
+    assert saved["eval_skipped_samples"] == 9
+    for key in ("avqa_accuracy", "audio_dependent_accuracy", "audio_masked_avqa_accuracy",
+                "audio_shuffled_avqa_accuracy"):
+        assert saved[key] is None, key
+    assert saved["safe_vqa_accuracy"] is not None and metrics["eval_samples"] == saved["eval_samples"]
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval/" in x]
+    assert evals and all(e.get("eval/stage_audio_accuracy") is None for e in evals)
