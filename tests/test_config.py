@@ -42,7 +42,8 @@ def test_override_from_command_line():
     ("model.fusion.num_heads=0", "model.fusion.num_heads=0: must be > 0"),
     ("model.fusion.num_heads=four", "model.fusion.num_heads='four': expected an integer"),
     ("train.mixed_precision=fp8", "train.mixed_precision='fp8': must be one of"),
-    ("data.max_audio_seconds=-1", "data.max_audio_seconds=-1.0: must be > 0"),
+    ("data.max_audio_seconds=-1", "data.max_audio_seconds=-1.0: must be in (0, 600]"),
+    ("data.max_audio_seconds=1e7", "data.max_audio_seconds=10000000.0: must be in (0, 600] (every clip is padded"),
     ("train.phases=[{name: x, train: [projecter]}]", "train.phases[0].train='projecter'"),
     ("train.phases.7.max_steps=5", "train.phases.7.max_steps: train.phases has 3 entries (indices 0-2), got '7'"),
     ("train.phases.0.max_steps=-5", "train.phases[0].max_steps=-5: must be > 0"),
@@ -121,3 +122,23 @@ def test_missing_config_file(tmp_path):
 def test_feature_cache_refused_with_audio_augmentation():
     with pytest.raises(ConfigError, match="audio_augment"):
         load_config("configs/demo.yaml", ["data.audio_augment=true", "data.feature_cache=/tmp/x"])
+
+
+def test_a_key_written_twice_is_refused_not_silently_replaced(tmp_path):
+    # PyYAML keeps the last: the second `data:` would replace the first section whole (root back to default)
+    p = tmp_path / "dup.yaml"
+    p.write_text("data:\n  root: small\n  num_workers: 2\ndata:\n  eval_split: train\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: not valid YAML: key 'data' appears twice in one mapping "
+                                          r"\(first at line 1\) at line 4, column 1"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="key 'root' appears twice"):
+        load_config(None, ["data={root: a, root: b}"])
+    p.write_text("data:\n  root: small\n  num_workers: 2\n")
+    assert load_config(p).data.num_workers == 2
+
+
+def test_a_config_that_is_not_utf8_names_file_and_byte(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(b"data:\n  root: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at offset 17\)"):
+        load_config(p)

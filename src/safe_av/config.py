@@ -113,6 +113,10 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- data
 
 
+#: upper bound of ``data.max_audio_seconds``: clips are padded to it, so a huge value allocates without end
+MAX_AUDIO_SECONDS = 600.0
+
+
 @dataclass
 class DataConfig:
     root: str = "runs/data/synthetic"
@@ -139,7 +143,9 @@ class DataConfig:
     eval_split: str = "val"
 
     def __post_init__(self):
-        _check(self.max_audio_seconds > 0, "max_audio_seconds", self.max_audio_seconds, "must be > 0")
+        _check(0 < self.max_audio_seconds <= MAX_AUDIO_SECONDS, "max_audio_seconds", self.max_audio_seconds,
+               f"must be in (0, {MAX_AUDIO_SECONDS:g}] (every clip is padded or cut to it; CLAP takes 10 s, Whisper "
+               "30 s)")
         _check(0 < self.max_text_length <= 4096, "max_text_length", self.max_text_length, "must be in (0, 4096]")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
         _check(not (self.audio_augment and self.feature_cache), "audio_augment", self.audio_augment,
@@ -515,7 +521,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = _yaml_load(raw)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
         _set_dotted(data, key.strip(), value)
@@ -530,9 +536,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _yaml_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") \
+                from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
         _merge_check(data, loaded, "", path)
@@ -548,6 +557,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         where = ("--set " if any(msg.startswith((k + "=", k + ":", k + ".")) for k in keys)
                  else f"{path}: " if path is not None else "")
         raise ConfigError(f"{where}{msg}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last silently, so a
+    second ``data:`` section would replace the first whole)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first at line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _yaml_problem(err: "yaml.YAMLError") -> str:
