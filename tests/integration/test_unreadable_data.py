@@ -62,3 +62,21 @@ def test_unreadable_evaluation_clips_are_counted_and_the_adapter_is_kept(small_c
     assert saved["safe_vqa_accuracy"] is not None and metrics["eval_samples"] == saved["eval_samples"]
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval/" in x]
     assert evals and all(e.get("eval/stage_audio_accuracy") is None for e in evals)
+
+
+def test_a_later_phase_without_data_fails_before_the_first_phase_trains(small_corpus, tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(small_corpus, root)
+    for f in (root / "musicavqa" / "json").glob("*train*.json"):
+        f.write_text("[]")  # phases 2 and 3 train on MUSIC-AVQA (and VQA v2)
+    cfg = _cfg(root, tmp_path, **{"train.phases.1.datasets": "{musicavqa: 1.0}"})
+    with pytest.raises(ValueError, match=r"phase 'p2': no training samples for datasets \['musicavqa'\]"):
+        Trainer(cfg, tmp_path / "run").train()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_too_few_samples_for_a_batch_name_the_phase(small_corpus, tmp_path):
+    cfg = _cfg(small_corpus, tmp_path, **{"train.phases.0.batch_size": 16})  # 4 AudioCaps training clips
+    with pytest.raises(ValueError, match=r"phase 'p1': 4 training sample\(s\) in datasets \['audiocaps'\] under "
+                                         r".*fewer than one batch \(16 x 1 process\(es\)\)"):
+        Trainer(cfg, tmp_path / "run").train()

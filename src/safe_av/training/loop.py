@@ -224,8 +224,12 @@ class Trainer:
                              rank=self.acc.process_index, world_size=self.acc.num_processes,
                              num_workers=cfg.data.num_workers)
         stage = self.curriculum.current if (phase.curriculum and self.curriculum) else None
-        stream.configure(stage.audio_ratio if stage else phase.audio_ratio,
-                         list(stage.difficulties) if stage else None)
+        try:
+            stream.configure(stage.audio_ratio if stage else phase.audio_ratio,
+                             list(stage.difficulties) if stage else None)
+        except ValueError as err:  # the sampler's message does not know the phase or its datasets
+            raise ValueError(f"phase {phase.name!r} (datasets {sorted(phase.datasets)} under {cfg.data.root}): "
+                             f"{err}") from None
         per_epoch = max(1, stream.batches_per_epoch() // cfg.train.optim.grad_accum)
         steps = phase.max_steps or max(1, math.ceil(phase.epochs * per_epoch))
         sched = build_scheduler(optim, warmup_steps=min(cfg.train.optim.warmup_steps, steps // 2),
@@ -239,6 +243,17 @@ class Trainer:
         log.info("phase %d (%s): %d steps, trainable %d parameters in %s", index + 1, phase.name, steps, n_train,
                  [g["name"] for g in groups])
         return optim, sched, stream, steps
+
+    def _check_phases(self) -> None:
+        """Every phase still to train has annotations for each of its datasets and a full batch of them: found
+        now, not after the earlier phases have trained."""
+        for phase in self.cfg.train.phases[self.state.phase:]:
+            samples = self._phase_samples(phase)
+            need = phase.batch_size * self.acc.num_processes
+            if len(samples) < need:
+                raise ValueError(f"phase {phase.name!r}: {len(samples)} training sample(s) in datasets "
+                                 f"{sorted(phase.datasets)} under {self.cfg.data.root}, fewer than one batch "
+                                 f"({phase.batch_size} x {self.acc.num_processes} process(es))")
 
     def _phase_samples(self, phase: PhaseConfig):
         missing = [d for d in phase.datasets if not self.train_corpus.of(d)]
@@ -389,6 +404,7 @@ class Trainer:
         self._setup_fisher()
         self._audio_stats()
         start = self._maybe_resume_state()
+        self._check_phases()
         if self.state.original_vqa_accuracy is None:
             recs = self._predict(self.vqa_eval, use_audio=False)
             self.state.original_vqa_accuracy = ev.score_vqa(recs)
