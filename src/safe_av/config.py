@@ -270,6 +270,14 @@ class CurriculumConfig:
     eval_every: int = 50
     eval_samples: int = 64
     adaptive: bool = True
+    adaptive_compound: bool = False
+    """With ``adaptive``: multiply β by 1.5 / α by 1.2 again at every evaluation the condition still holds (the
+    spec's literal reading, capped at ``adaptive_max_multiplier``), instead of once while it holds."""
+    adaptive_max_multiplier: float = 4.0
+
+    def __post_init__(self):
+        _check(self.adaptive_max_multiplier >= 1.0, "adaptive_max_multiplier", self.adaptive_max_multiplier,
+               "must be >= 1")
 
 
 @dataclass

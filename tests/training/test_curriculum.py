@@ -147,3 +147,17 @@ def test_event_record_matches_metrics_jsonl_contract() -> None:
     assert record["event"] == "weight_change" and record["step"] == 7 and record["stage"] == "foundation"
     assert record["reason"] == "retention 0.500 < 0.95: beta x1.5"
     json.dumps(record)
+
+
+def test_config_reaches_the_curriculum_compound_and_cap():
+    from types import SimpleNamespace
+
+    from safe_av.config import load_config
+    from safe_av.training.loop import Trainer
+
+    cfg = load_config("configs/demo.yaml", ["curriculum.adaptive_compound=true",
+                                            "curriculum.adaptive_max_multiplier=2.5"])
+    c = Trainer._build_curriculum(SimpleNamespace(cfg=cfg))
+    assert (c.compound, c.max_multiplier) == (True, 2.5)
+    default = Trainer._build_curriculum(SimpleNamespace(cfg=load_config("configs/demo.yaml")))
+    assert (default.compound, default.max_multiplier) == (False, 4.0)

@@ -644,7 +644,8 @@ class Trainer:
                                   cc.min_stage_steps) for s in cc.stages]
         return Curriculum(stages, retention_threshold=cc.retention_threshold,
                           audio_acc_threshold=cc.audio_accuracy_threshold, loss_cv_threshold=cc.loss_cv_threshold,
-                          loss_window=cc.loss_window, adaptive=cc.adaptive)
+                          loss_window=cc.loss_window, adaptive=cc.adaptive, compound=cc.adaptive_compound,
+                          max_multiplier=cc.adaptive_max_multiplier)
 
     # ================================================================== checkpoints
 
