@@ -133,12 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="JSON file to write")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("infer", help="answer questions about an image + audio clip")
-    p.add_argument("--checkpoint", required=True, help="a run folder or its adapter folder")
-    p.add_argument("--image")
-    p.add_argument("--audio")
-    p.add_argument("--question")
-    p.add_argument("--input", help="JSONL with image, audio, question per line")
+    p = sub.add_parser("infer", help="answer questions about an image and/or an audio clip")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder (RUN), its adapter folder (RUN/adapter) or a checkpoint (RUN/checkpoints/step-N)")
+    p.add_argument("--image", help="image file, or a folder of video frames (the middle one is used)")
+    p.add_argument("--audio", help="audio file")
+    p.add_argument("--question", help='the question; "" asks for a caption of the audio. Without --image and '
+                                      '--audio the language model answers from the text alone')
+    p.add_argument("--input", help="JSONL with image, audio, question per line (instead of --question)")
     p.add_argument("--output", help="JSONL to write (with --input)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.set_defaults(func=cmd_infer)

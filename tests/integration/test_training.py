@@ -236,3 +236,9 @@ def test_resume_truncation_drops_what_followed_the_checkpoint(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     _truncate_jsonl(log, 4, 1)  # a checkpoint already inside phase 2 keeps its start
     assert [json.loads(line) for line in log.read_text().splitlines()] == records[:3]
+
+
+def test_eval_max_samples_caps_a_training_runs_evaluation_sets(small_corpus, tmp_path):
+    cfg = tiny_train_config(small_corpus, tmp_path, **{"train.pretrain.enabled": "false", "eval.max_samples": 3})
+    metrics = Trainer(cfg, tmp_path / "run").train()
+    assert metrics["eval_samples"] == {"vqa": {"evaluated": 3, "skipped": 0}, "avqa": {"evaluated": 3, "skipped": 0}}

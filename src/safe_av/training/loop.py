@@ -355,9 +355,9 @@ class Trainer:
     # ================================================================== evaluation during training
 
     def _eval_subsets(self) -> None:
-        n = self.cfg.curriculum.eval_samples
-        vqa = self.eval_corpus.of(self.cfg.data.vqa_dataset)
-        avqa = self.eval_corpus.of(self.cfg.data.avqa_dataset)
+        n, cap = self.cfg.curriculum.eval_samples, self.cfg.eval.max_samples  # cap: as `safe eval` applies it
+        vqa = self.eval_corpus.of(self.cfg.data.vqa_dataset)[:cap]
+        avqa = self.eval_corpus.of(self.cfg.data.avqa_dataset)[:cap]
         self.vqa_eval = vqa
         self.vqa_subset = vqa[:n]
         self.avqa_eval = avqa
