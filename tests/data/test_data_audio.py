@@ -7,7 +7,15 @@ import pytest
 import soundfile as sf
 from data_fixtures import write_tone
 
-from safe_av.data.audio import AudioError, check_audio, load_audio, probe_duration, resample
+from safe_av.data.audio import (
+    SILENT_REASON,
+    AudioError,
+    check_audio,
+    load_audio,
+    probe_duration,
+    resample,
+    wav_declared_frames,
+)
 from safe_av.data.records import DataError
 
 
@@ -53,13 +61,100 @@ def test_over_long_is_truncated_and_flagged(tmp_path):
         load_audio(path, target_sr=8000, on_long="error")
 
 
-def test_silent_clip_stays_zero_and_is_flagged(tmp_path):
+def test_silent_clip_is_an_error_unless_allowed(tmp_path):
+    """A silent clip is rejected with validate's reason (so loaders skip and count it); opt-in keeps zeros."""
     path = write_tone(tmp_path / "silent.wav", 1.0, amp=0.0)
-    clip = load_audio(path, target_sr=16000, max_seconds=2.0)
+    with pytest.raises(AudioError) as err:
+        load_audio(path, target_sr=16000, max_seconds=2.0)
+    assert (err.value.field, err.value.value, err.value.reason) == ("samples", "all ~0", SILENT_REASON)
+    assert err.value.path.endswith("silent.wav")
+    assert check_audio(path) == str(err.value)  # the same message as safe data validate
+    clip = load_audio(path, target_sr=16000, max_seconds=2.0, allow_silent=True)
     assert clip.silent and clip.num_valid == 16000
     assert np.all(clip.waveform == 0) and np.isfinite(clip.waveform).all()
-    assert "silent" in check_audio(path)
     assert check_audio(path, allow_silent=True) is None
+
+
+def test_clip_silent_in_the_part_used_is_an_error(tmp_path):
+    """Silent for its first max_seconds, loud later: what the model would get is silence."""
+    path = tmp_path / "late.wav"
+    data = np.zeros(3 * 8000, dtype=np.float32)
+    data[2 * 8000:] = 0.5
+    sf.write(str(path), data, 8000)
+    pattern = r"late.wav: field 'samples'.*silent clip \(peak <= -80 dBFS\) in its first 1 s$"
+    with pytest.raises(AudioError, match=pattern):
+        load_audio(path, target_sr=8000, max_seconds=1.0)
+    assert load_audio(path, target_sr=8000, max_seconds=3.0).num_valid == 24000
+
+
+def test_over_long_clip_is_read_only_in_part_with_the_same_output(tmp_path, monkeypatch, caplog):
+    """Only ceil(max_seconds * sr) frames are read, yet the full duration is known; the waveform equals a full
+    read cut afterwards; the cut is logged once per file."""
+    import safe_av.data.audio as audio
+
+    path = write_tone(tmp_path / "long.wav", 30.0, sr=8000, channels=2, freq=300.0)
+    asked = []
+    real_read = sf.SoundFile.read
+
+    def spy(self, frames=-1, *args, **kwargs):
+        asked.append(frames)
+        return real_read(self, frames, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "read", spy)
+    with caplog.at_level("WARNING", logger="safe_av.data.audio"):
+        clip = load_audio(path, target_sr=16000, max_seconds=2.5)
+        load_audio(path, target_sr=16000, max_seconds=2.5)
+    assert asked == [20000, 20000]  # 2.5 s at 8 kHz, not 240000
+    assert clip.truncated and clip.orig_duration_s == pytest.approx(30.0) and clip.num_valid == 40000
+    full, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    ref = audio.peak_normalise(audio.resample(full.mean(axis=1)[:20000], 8000, 16000))[0]
+    np.testing.assert_array_equal(clip.waveform, ref[:40000])
+    cut = [r.getMessage() for r in caplog.records if "cut" in r.getMessage()]
+    assert len(cut) == 1 and "long.wav lasts 30.00 s" in cut[0] and "first 2.5 s" in cut[0]
+
+
+@pytest.mark.parametrize("seconds,sr,channels", [(2.0, 16000, 1), (1.3, 44100, 2), (3.0, 8000, 1)])
+def test_short_clips_are_read_whole_as_before(tmp_path, seconds, sr, channels):
+    """A clip within max_seconds is read in full: the output equals the whole-file read (sf.read) pipeline."""
+    import safe_av.data.audio as audio
+
+    path = write_tone(tmp_path / "s.wav", seconds, sr=sr, channels=channels)
+    clip = load_audio(path, target_sr=16000, max_seconds=3.0)
+    full, _ = sf.read(str(path), dtype="float32", always_2d=True)
+    mono = full[:, 0] if channels == 1 else full.mean(axis=1)
+    ref = audio.peak_normalise(audio.resample(mono, sr, 16000))[0]
+    assert not clip.truncated and clip.num_valid == min(ref.size, 48000)
+    np.testing.assert_array_equal(clip.waveform[: clip.num_valid], ref[: clip.num_valid])
+    assert np.all(clip.waveform[clip.num_valid:] == 0)
+
+
+def test_directory_is_named_as_such(tmp_path):
+    folder = tmp_path / "clip.wav"
+    folder.mkdir()
+    with pytest.raises(AudioError, match=r"clip.wav.*: is a directory"):
+        load_audio(folder, target_sr=16000)
+    assert check_audio(folder).endswith("is a directory")
+
+
+def test_wav_shorter_than_its_header_is_reported_but_loads(tmp_path):
+    """A truncated download: libsndfile reads what is there; validate reports the header mismatch."""
+    good = write_tone(tmp_path / "good.wav", 2.0, sr=8000)
+    path = tmp_path / "half.wav"
+    data = good.read_bytes()
+    path.write_bytes(data[: 44 + 8000 * 2])  # header + 1 s of 16-bit frames
+    assert wav_declared_frames(good) == 16000 and wav_declared_frames(path) == 16000
+    assert check_audio(good) is None
+    assert check_audio(path) == (f"{path}: field 'frames' = '8000 of 16000': file shorter than its header says: "
+                                 "8000 of 16000 frames (truncated download?)")
+    clip = load_audio(path, target_sr=8000, max_seconds=2.0)  # training does not crash: it uses what is there
+    assert clip.num_valid == 8000 and clip.orig_duration_s == pytest.approx(1.0)
+
+
+def test_wav_header_probe_ignores_other_files(tmp_path):
+    flac = write_tone(tmp_path / "a.flac", 1.0)
+    assert wav_declared_frames(flac) is None and wav_declared_frames(tmp_path / "nope.wav") is None
+    ulaw = write_tone(tmp_path / "u.wav", 1.0, subtype="ULAW")
+    assert wav_declared_frames(ulaw) == 16000 and check_audio(ulaw) is None
 
 
 def test_missing_file(tmp_path):

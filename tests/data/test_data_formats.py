@@ -221,3 +221,76 @@ def test_read_dispatch_and_unknown_format(vqav2_root):
     assert len(read("vqav2", vqav2_root, "val").samples) == 3
     with pytest.raises(ValueError, match="unknown dataset format 'coco'"):
         read("coco", vqav2_root, "val")
+
+
+# ------------------------------------------------------------------- consistency of the readers
+def test_non_utf8_annotation_file_names_file_byte_and_position(tmp_path):
+    """A non-UTF-8 byte is a DataError naming the file, the byte and where it is (not a bare UnicodeDecodeError)."""
+    fx.write_musicavqa(tmp_path)
+    path = tmp_path / "json" / "avqa-train.json"
+    data = path.read_bytes()
+    pos = data.index(b'"two"') + 1
+    path.write_bytes(data[:pos] + b"\xff" + data[pos:])
+    line = data[:pos].count(b"\n") + 1
+    with pytest.raises(DataError) as err:
+        musicavqa.read(tmp_path, "train")
+    assert err.value.path == str(path) and err.value.field == "encoding"
+    assert err.value.value == f"byte 0xff at position {pos} (line {line})"
+    assert "not valid UTF-8" in err.value.reason
+
+
+def test_vqav2_duplicates_and_empty_strings_are_bad_entries(tmp_path):
+    questions = json.loads(json.dumps(fx.VQA_QUESTIONS))
+    anns = json.loads(json.dumps(fx.VQA_ANNOTATIONS))
+    qs = questions["questions"]
+    qs.append(dict(qs[0]))  # the same question twice
+    qs.append({"image_id": 73, "question": "  ", "question_id": 73001})  # empty question
+    qs.append({"image_id": 73, "question": "Empty answers?", "question_id": 73002})
+    qs.append({"image_id": 73, "question": "Empty target?", "question_id": 73003})
+    anns["annotations"] += [
+        {**anns["annotations"][2], "question_id": 73001},
+        {**anns["annotations"][2], "question_id": 73002, "answers": fx.vqa_answers(["2"] * 8 + ["", ""])},
+        {**anns["annotations"][2], "question_id": 73003, "multiple_choice_answer": ""},
+        {**anns["annotations"][1], "multiple_choice_answer": "DUPLICATE"},  # a second annotation of 42001
+    ]
+    fx.write_vqav2(tmp_path, questions, anns)
+    result = vqav2.read(tmp_path, "val")
+    assert [s.id for s in result.samples] == ["42000", "42001", "73000"]
+    assert result.samples[1].answers[0] == "no"  # the first annotation is used, not the later duplicate
+    got = [(b.where.split("json")[-1], b.field, b.value, b.reason) for b in result.bad]
+    assert got == [
+        ("[annotations][6]", "question_id", 42001,
+         "duplicate annotation for this question_id (the first, at [annotations][1], is used)"),
+        ("[questions][3]", "question_id", 42000, "duplicate question_id (first at [questions][0])"),
+        ("[questions][4] (question_id=73001)", "question", "  ", "empty string"),
+        ("[questions][5] (question_id=73002)", "answers[8].answer", "", "empty string (2 of 10 answers empty)"),
+        ("[questions][6] (question_id=73003)", "multiple_choice_answer", "", "empty string"),
+    ]
+
+
+def test_avsd_duplicate_dialog_and_turns_dropped_after_a_bad_one_are_counted(tmp_path):
+    dialog = {"image_id": "VID", "dialog": [{"question": "q0?", "answer": "a0."}, {"question": "q1?", "answer": None},
+                                            {"question": "q2?", "answer": "a2."}, {"question": "q3?", "answer": "a3."}]}
+    data = {"dialogs": [{"image_id": "OK", "dialog": [{"question": "q?", "answer": "a."}]}, dialog,
+                        {"image_id": "OK", "dialog": [{"question": "again?", "answer": "yes."}]}]}
+    (tmp_path / "avsd_val.json").write_text(json.dumps(data))
+    result = avsd.read(tmp_path, "val", probe_durations=False)
+    assert [s.id for s in result.samples] == ["OK_0", "VID_0"]
+    assert result.samples[0].question == "q?"  # the first dialog of OK is kept
+    assert [(b.where.split("json")[-1], b.field, b.reason) for b in result.bad] == [
+        ("[dialogs][1][dialog][1]", "answer",
+         "missing or not a string; the 2 later turn(s) of this dialog are dropped too"),
+        ("[dialogs][2]", "image_id", "duplicate dialog for this video (the first, at [dialogs][0], is used)"),
+    ]
+    assert result.skipped == {"turn after a malformed turn": 2}
+
+
+def test_audiocaps_duplicated_row_is_a_bad_entry_not_a_second_caption(tmp_path):
+    (tmp_path / "train.csv").write_text(
+        "audiocap_id,youtube_id,start_time,caption\n1,abc,30,a dog barks\n2,def,0,rain\n1,abc,30,a dog barks\n"
+    )
+    result = audiocaps.read(tmp_path, "train", probe_durations=False)
+    assert [(s.id, s.answers) for s in result.samples] == [("abc_30", ["a dog barks"]), ("def_0", ["rain"])]
+    assert [(b.where.split("/")[-1], b.field, b.value, b.reason) for b in result.bad] == [
+        ("train.csv:4", "audiocap_id", "1", "duplicate audiocap_id (first on line 2)")
+    ]

@@ -79,3 +79,53 @@ def test_a_truncated_annotation_file_is_one_bad_entry_not_an_abort(tmp_path, cap
     assert report.samples == {"train": 3} and len(report.bad) == 1  # train still checked
     assert val.name in str(report.bad[0]) and not report.ok
     assert main_validate(argparse.Namespace(format="musicavqa", root=str(tmp_path), split=None)) == 1
+
+
+def test_empty_annotation_list_says_no_entries(tmp_path, capsys):
+    fx.write_musicavqa(tmp_path, [])
+    report = validate("musicavqa", tmp_path)
+    assert not report.ok and report.samples == {"train": 0}
+    assert [(b.where, b.field, b.value, b.reason) for b in report.bad] == [
+        (str(tmp_path / "json" / "avqa-train.json"), "entries", 0, "no entries")
+    ]
+    assert main_validate(argparse.Namespace(format="musicavqa", root=str(tmp_path), split=None)) == 1
+    out = capsys.readouterr().out
+    assert f"BAD {tmp_path / 'json' / 'avqa-train.json'}: field 'entries' = 0: no entries" in out
+
+
+def test_non_utf8_split_is_one_bad_entry_and_other_splits_are_checked(tmp_path):
+    fx.write_musicavqa(tmp_path)
+    train = tmp_path / "json" / "avqa-train.json"
+    val = train.with_name("avqa-val.json")
+    val.write_bytes(train.read_bytes().replace(b'"anser": "', b'"anser": "\xff', 1))
+    report = validate("musicavqa", tmp_path)
+    assert report.samples == {"train": 3} and len(report.bad) == 1
+    assert report.bad[0].where == str(val) and report.bad[0].field == "encoding"
+    assert str(report.bad[0].value).startswith("byte 0xff at position ")
+
+
+def test_directory_truncated_wav_and_bomb_image_are_named(musicavqa_root):
+    """A directory where a clip should be, a WAV cut short (header says more), an image over PIL's pixel limit:
+    each one bad entry naming the file and what is wrong, nothing raised."""
+    import struct
+
+    from PIL import Image
+
+    (musicavqa_root / "audio" / "00000238.wav").unlink()
+    (musicavqa_root / "audio" / "00000238.wav").mkdir()
+    wav = musicavqa_root / "audio" / "sa00007434.wav"  # 7 s at 16 kHz, 16-bit
+    wav.write_bytes(wav.read_bytes()[: 44 + 2 * 16000])
+    frame = musicavqa_root / "frames" / "00000272" / "00000002.jpg"  # the middle of 3
+    Image.new("RGB", (8, 8)).save(frame, format="BMP")
+    data = bytearray(frame.read_bytes())
+    data[18:26] = struct.pack("<ii", 50_000, 50_000)
+    frame.write_bytes(bytes(data))
+    report = validate("musicavqa", musicavqa_root, ["train"])
+    got = {Path(b.value).name: b.reason for b in report.bad}
+    assert got == {
+        "00000238.wav": "is a directory",
+        "sa00007434.wav": "frames = '16000 of 112000': file shorter than its header says: 16000 of 112000 frames "
+                          "(truncated download?)",
+        "00000272": f"00000002.jpg: pixels = 2500000000: exceeds the limit of {2 * Image.MAX_IMAGE_PIXELS} pixels (PIL "
+                    "decompression-bomb guard; a huge image or a corrupt size in its header)",
+    }

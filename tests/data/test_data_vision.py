@@ -100,3 +100,62 @@ def test_augment_is_deterministic_and_keeps_size():
     assert a.size == img.size and a.mode == "RGB"
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(img))  # crop/jitter changed it
+
+
+def test_decompression_bomb_header_is_an_image_error(tmp_path):
+    """A BMP whose header claims 100000 x 100000 pixels: PIL's DecompressionBombError (not an OSError) becomes
+    an ImageError naming the file and the pixel count against the limit, so a loader skips and counts it."""
+    import struct
+
+    path = tmp_path / "bomb.jpg"  # the suffix lies, as in a real dataset
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(path, format="BMP")
+    data = bytearray(path.read_bytes())
+    data[18:26] = struct.pack("<ii", 100_000, 100_000)  # BITMAPINFOHEADER width, height
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageError) as err:
+        load_image(path)
+    assert err.value.path == str(path) and err.value.field == "pixels" and err.value.value == 10_000_000_000
+    assert f"exceeds the limit of {2 * Image.MAX_IMAGE_PIXELS} pixels" in err.value.reason
+    assert "bomb.jpg: field 'pixels' = 10000000000" in str(err.value)
+
+
+def test_any_pil_decoding_exception_is_an_image_error(tmp_path, monkeypatch):
+    """Whatever PIL raises while decoding (here an IndexError from a decoder) names the file; errors outside
+    PIL's calls are not hidden."""
+    path = write_jpg(tmp_path / "ok.jpg")
+
+    def broken_load(self):
+        raise IndexError("tile index out of range")
+
+    monkeypatch.setattr(Image.Image, "load", broken_load)
+    with pytest.raises(ImageError, match=r"ok.jpg: field 'image'.*unreadable or corrupt image \(IndexError: tile"):
+        load_image(path)
+
+
+def test_16_bit_image_is_rescaled_not_clipped(tmp_path):
+    """A 0..65535 gradient keeps its gradient (v / 257), instead of PIL's convert turning it white."""
+    ramp = np.linspace(0, 65535, 256 * 4).round().astype(np.uint16).reshape(4, 256)
+    path = tmp_path / "depth16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode == "I;16"
+    out = np.asarray(load_image(path))
+    assert out.shape == (4, 256, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[..., 0], np.rint(ramp / 257).astype(np.uint8))
+    assert (out[..., 0] == 255).mean() < 0.01 and abs(out.mean() - 127.5) < 1
+
+
+def test_float_image_is_rescaled(tmp_path):
+    """A float TIFF in [0, 1] maps v * 255; one outside [0, 1] is stretched min..max; NaN is an error."""
+    unit = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(unit).save(tmp_path / "unit.tiff")
+    out = np.asarray(load_image(tmp_path / "unit.tiff"))[..., 0]
+    np.testing.assert_array_equal(out, np.rint(unit.astype(np.float64) * 255).astype(np.uint8))
+    wide = np.linspace(-1000, 3000, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(wide).save(tmp_path / "wide.tiff")
+    out = np.asarray(load_image(tmp_path / "wide.tiff"))[..., 0]
+    assert out.min() == 0 and out.max() == 255 and out[0, 1] == 4  # (-1000 + 63.49 + 1000) * 255 / 4000 -> 4
+    bad = unit.copy()
+    bad[0, 0] = np.nan
+    Image.fromarray(bad).save(tmp_path / "nan.tiff")
+    with pytest.raises(ImageError, match=r"nan.tiff: field 'pixels' = 'NaN/inf': F image contains non-finite"):
+        load_image(tmp_path / "nan.tiff")

@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from safe_av.data.audio import SILENT_REASON
 from safe_av.data.cache import FeatureCache
 from safe_av.data.records import DataError, Sample
 from safe_av.data.text import SAFEProcessor
@@ -82,13 +83,13 @@ def test_bad_file_is_skipped_and_counted(tiny_models, clips, tmp_path):
     bad.write_bytes(b"RIFF....WAVEfmt garbage")
     gone = str(tmp_path / "gone.wav")
     stats = FeatureCache.open(tmp_path / "cache", model).build(model, clips[:1] + [str(bad), gone])
-    assert stats == {"cached_before": 0, "new": 1, "skipped": 1, "missing": 1, "known_bad": 0}
+    assert stats == {"cached_before": 0, "new": 1, "skipped": 1, "missing": 1, "known_bad": 0, "truncated": 0}
     # the reason is kept: a later run that meets the file skips it for what is wrong with it, not as "not cached"
     cache = FeatureCache.open(tmp_path / "cache", model)
     with pytest.raises(DataError, match=r"corrupt.wav: field 'audio'.*(unreadable|corrupt)"):
         cache.get(str(bad))
     stats = cache.build(model, clips[:1] + [str(bad)])  # not tried again
-    assert stats == {"cached_before": 1, "new": 0, "skipped": 0, "missing": 0, "known_bad": 1}
+    assert stats == {"cached_before": 1, "new": 0, "skipped": 0, "missing": 0, "known_bad": 1, "truncated": 0}
 
 
 def test_a_skipped_sample_warns_once_per_process_and_is_counted_every_time(tiny_models, clips, tmp_path, caplog):
@@ -130,3 +131,65 @@ def test_safe_data_cache_command_fills_the_cache_and_leaves_nothing_else(small_c
     second = capsys.readouterr().out
     assert f"'cached_before': {n}" in second and "'new': 0" in second
     assert len(list(namespace.iterdir())) == 3
+
+
+def _odd_clips(tmp_path):
+    """A directory named like a clip, a silent clip and a 3 s clip (over a 2 s limit)."""
+    folder = tmp_path / "dir.wav"
+    folder.mkdir()
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(8000, dtype="float32"), 8000)
+    long = tmp_path / "long.wav"
+    sf.write(long, (0.3 * np.random.default_rng(1).standard_normal(3 * 8000)).astype("float32"), 8000)
+    return str(folder), str(silent), str(long)
+
+
+def test_directory_silent_and_over_long_clips_in_the_cache(tiny_models, clips, tmp_path):
+    """A directory is a DataError naming it (counted as missing, never an IsADirectoryError traceback); a silent
+    clip is skipped with validate's reason, kept in bad.json; an over-long clip is cached from its start and
+    counted as truncated."""
+    model = _model(tiny_models)
+    folder, silent, long = _odd_clips(tmp_path)
+    cache = FeatureCache.open(tmp_path / "cache", model, max_seconds=2.0)
+    stats = cache.build(model, [clips[0], folder, silent, long])
+    assert stats == {"cached_before": 0, "new": 2, "skipped": 1, "missing": 1, "known_bad": 0, "truncated": 1}
+    assert folder not in cache and long in cache and cache.max_seconds == 2.0
+    with pytest.raises(DataError, match=r"dir.wav: field 'audio' = '.*dir.wav': is a directory"):
+        cache.get(folder)
+    reopened = FeatureCache.open(tmp_path / "cache", model, max_seconds=2.0)
+    with pytest.raises(DataError) as err:
+        reopened.get(silent)
+    assert err.value.path == silent and err.value.reason == SILENT_REASON
+    assert json.loads((reopened.dir / "bad.json").read_text()) == {reopened.key(silent): SILENT_REASON}
+
+
+def test_truncated_clips_are_counted_per_batch_and_silent_clips_skipped(tiny_models, clips, tmp_path, caplog):
+    """item["audio_truncated"] -> batch["audio_truncated"] (rows whose clip was cut; 0 when none, in empty batches
+    too), the same with the feature cache; a silent clip is a skipped (None) item counted in batch["skipped"]."""
+    model = _model(tiny_models)
+    proc = SAFEProcessor.from_model(model)
+    _, silent, long = _odd_clips(tmp_path)
+    samples = [Sample("short", "audiocaps", "", ["a"], audio=clips[0]),
+               Sample("long", "audiocaps", "", ["b"], audio=long),
+               Sample("trunc-silent", "audiocaps", "", ["c"], audio=silent),
+               Sample("text", "vqav2", "q?", ["d"])]
+    ds = SAFEDataset(samples, sampling_rate=proc.sampling_rate, max_seconds=2.0)
+    with caplog.at_level("WARNING"):
+        items = [ds[i] for i in range(4)]
+    assert items[2] is None
+    assert [items[i]["audio_truncated"] for i in (0, 1, 3)] == [False, True, False]
+    assert any("audiocaps/trunc-silent" in r.getMessage() and SILENT_REASON in r.getMessage() for r in caplog.records)
+    cut = [r.getMessage() for r in caplog.records if "cut" in r.getMessage()]
+    assert cut == [f"audio clip cut: {long} lasts 3.00 s; only its first 2 s are used (data.max_audio_seconds)"]
+    batch = proc.collate(items)
+    assert batch["audio_truncated"] == 1 and batch["skipped"] == 1 and batch["input_ids"].shape[0] == 3
+    assert proc.collate([items[0], items[3]])["audio_truncated"] == 0
+    assert proc.collate([None, items[2]]) == {"empty": True, "skipped": 2, "audio_truncated": 0}
+
+    cache = FeatureCache.open(tmp_path / "cache", model, max_seconds=2.0)
+    cache.build(model, [clips[0], long, silent])
+    cached = SAFEDataset(samples, sampling_rate=proc.sampling_rate, max_seconds=2.0, feature_cache=cache)
+    items = [cached[i] for i in range(4)]
+    assert items[2] is None and [items[i]["audio_truncated"] for i in (0, 1, 3)] == [False, True, False]
+    batch = proc.collate(items)
+    assert batch["audio_truncated"] == 1 and batch["skipped"] == 1 and batch["audio_features"].shape[0] == 2

@@ -3,13 +3,28 @@
 Reads with soundfile (WAV, FLAC, OGG, ...) and resamples with
 ``scipy.signal.resample_poly`` at the exact rational ratio ``target/orig`` reduced
 by their gcd. Every failure raises `AudioError`, naming the file and what is wrong.
-Recoverable oddities are fixed and flagged on the returned `AudioClip` instead:
-stereo is mixed (``mixed_to_mono``), another rate is resampled (``resampled``), an
-over-long clip is cut (``truncated``), an all-silent clip stays zeros (``silent``).
+
+What `load_audio` does with odd but usable input, and how the caller learns of it:
+
+* stereo is mixed (flag ``mixed_to_mono``), another rate is resampled (``resampled``);
+* an over-long clip is cut to its first ``max_seconds`` (``truncated``); only those
+  frames are read from disk (a 1-hour file costs what ``max_seconds`` of it cost), a
+  WARNING names the file, its duration and the limit once per file and process (so
+  once per DataLoader worker at most), and the training data path counts it
+  (``item["audio_truncated"]`` → ``batch["audio_truncated"]``);
+* a silent clip (peak <= -80 dBFS in the part used) raises `AudioError` with the
+  reason `SILENT_REASON` - the one ``safe data validate`` gives - so training,
+  evaluation and the feature cache skip and count it; ``allow_silent=True`` is the
+  opt-in for a caller that wants zeros (flag ``silent``).
+
+`audio_problem` (``safe data validate``) reads the whole file in blocks and also
+reports a WAV whose data chunk declares more frames than the file holds (a truncated
+download): soundfile itself silently reads what is there, which is what training uses.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
@@ -20,13 +35,20 @@ from scipy.signal import resample_poly
 
 from safe_av.data.records import DataError
 
+log = logging.getLogger(__name__)
+
 SILENCE_PEAK = 1e-4
 """Peak amplitude (-80 dBFS) at or below which a clip counts as silent."""
+SILENT_REASON = "silent clip (peak <= -80 dBFS)"
+"""The reason of the `AudioError` for a silent clip (loader and validation alike)."""
 ON_LONG = ("truncate", "error")
+_READ_ERRORS = (sf.SoundFileError, RuntimeError, OSError, ValueError, EOFError)
+_WARNED_CUT: set[str] = set()  # files whose truncation was logged at WARNING in this process
+_PCM_TAGS = (1, 3, 6, 7, 0xFFFE)  # WAVE format tags with one block_align per frame: PCM, float, A/mu-law, extensible
 
 
 class AudioError(DataError):
-    """An audio file that cannot be used: missing, unreadable, empty or too short."""
+    """An audio file that cannot be used: missing, a directory, unreadable, empty, too short or silent."""
 
 
 @dataclass
@@ -42,34 +64,118 @@ class AudioClip:
     sample_rate: int
     """The rate of ``waveform`` (the requested ``target_sr``)."""
     silent: bool = False
+    """All ~0 (only with ``allow_silent=True``: otherwise `load_audio` raises)."""
     truncated: bool = False
+    """Longer than ``max_seconds``: only its first ``max_seconds`` are in ``waveform``."""
     resampled: bool = False
     mixed_to_mono: bool = False
 
 
-def read_mono(path: str | Path) -> tuple[np.ndarray, int, int]:
-    """Read an audio file as mono float32.
+def path_problem(path: str | Path) -> AudioError | None:
+    """Why ``path`` cannot be opened as an audio file (missing, a directory, not a regular file), or None."""
+    path = Path(path)
+    if path.is_dir():
+        return AudioError(path, "audio", str(path), "is a directory")
+    if not path.exists():
+        return AudioError(path, "audio", str(path), "file not found")
+    if not path.is_file():
+        return AudioError(path, "audio", str(path), "not a regular file")
+    return None
+
+
+def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[np.ndarray, int, int, int]:
+    """Read (the head of) an audio file as mono float32, and its full length.
+
+    Args:
+        path: audio file.
+        max_seconds: read only the first ``ceil(max_seconds * sr)`` frames (None: all).
+
+    Returns:
+        ``(samples (T,), sample_rate, channels, total_frames)``; ``total_frames`` is the
+        whole file's length (from its header), T ≤ it.
+
+    Raises:
+        AudioError: missing, a directory, unreadable/corrupt, empty (0 frames) or non-finite
+            (in the part read).
+    """
+    path = Path(path)
+    problem = path_problem(path)
+    if problem is not None:
+        raise problem
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr, channels, total = int(f.samplerate), int(f.channels), int(f.frames)
+            want = -1 if max_seconds is None or not f.seekable() else min(total, int(np.ceil(max_seconds * sr)))
+            data = f.read(frames=want, dtype="float32", always_2d=True)
+    except _READ_ERRORS as err:
+        raise AudioError(path, "audio", path.name, f"unreadable or corrupt audio ({err})") from err
+    if want < 0 or data.shape[0] < want:  # read to the end (or the body ended early): that is the length
+        total = data.shape[0]
+    if data.shape[0] == 0:
+        raise AudioError(path, "frames", 0, "empty audio file (0 frames)")
+    if not np.isfinite(data).all():
+        raise AudioError(path, "samples", "NaN/inf", "audio contains non-finite samples")
+    mono = data[:, 0] if channels == 1 else data.mean(axis=1)  # (T,)
+    return np.ascontiguousarray(mono, dtype=np.float32), sr, channels, total
+
+
+def read_mono(path: str | Path, *, max_seconds: float | None = None) -> tuple[np.ndarray, int, int]:
+    """Read an audio file (or its first ``max_seconds``) as mono float32.
 
     Returns:
         ``(samples (T,), sample_rate, channels)``.
 
     Raises:
-        AudioError: missing, unreadable/corrupt, empty (0 frames) or non-finite file.
+        AudioError: as `read_audio`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError(path, "audio", str(path), "file not found")
+    x, sr, channels, _ = read_audio(path, max_seconds=max_seconds)
+    return x, sr, channels
+
+
+def wav_declared_frames(path: str | Path) -> int | None:
+    """Frames the ``data`` chunk header of a PCM/float RIFF-WAVE file declares (cheap: header only).
+
+    Returns:
+        The declared frame count, or None when ``path`` is not such a WAV, its header is
+        unreadable, or the size is a streaming writer's placeholder (0 or 0xFFFFFFFF).
+    """
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError, OSError, ValueError, EOFError) as err:
-        raise AudioError(path, "audio", path.name, f"unreadable or corrupt audio ({err})") from err
-    if data.shape[0] == 0:
-        raise AudioError(path, "frames", 0, "empty audio file (0 frames)")
-    if not np.isfinite(data).all():
-        raise AudioError(path, "samples", "NaN/inf", "audio contains non-finite samples")
-    channels = data.shape[1]
-    mono = data[:, 0] if channels == 1 else data.mean(axis=1)  # (T,)
-    return np.ascontiguousarray(mono, dtype=np.float32), int(sr), channels
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            tag = block_align = None
+            for _ in range(64):  # chunks before "data" are few (fmt, fact, LIST, ...)
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+                if cid == b"data":
+                    if tag not in _PCM_TAGS or not block_align or size in (0, 0xFFFFFFFF):
+                        return None
+                    return size // block_align
+                skip = size + (size & 1)  # chunks are word-aligned
+                if cid == b"fmt ":
+                    body = f.read(min(size, 16))
+                    if len(body) < 14:
+                        return None
+                    tag, block_align = int.from_bytes(body[:2], "little"), int.from_bytes(body[12:14], "little")
+                    skip -= len(body)
+                f.seek(skip, 1)
+    except OSError:
+        return None
+    return None
+
+
+def warn_truncated(path: str | Path, duration_s: float, max_seconds: float) -> None:
+    """Log once per file and process (WARNING) that a clip is cut to its first ``max_seconds``."""
+    key = str(path)
+    if key in _WARNED_CUT:
+        return
+    if len(_WARNED_CUT) < 100_000:
+        _WARNED_CUT.add(key)
+    log.warning("audio clip cut: %s lasts %.2f s; only its first %g s are used (data.max_audio_seconds)",
+                path, duration_s, max_seconds)
 
 
 def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -99,38 +205,49 @@ def load_audio(
     max_seconds: float = 10.0,
     min_seconds: float = 0.1,
     on_long: str = "truncate",
+    allow_silent: bool = False,
 ) -> AudioClip:
     """Load a clip as a fixed-length mono waveform at ``target_sr``.
+
+    Only the first ``max_seconds`` are read from disk; the full duration comes from the header.
 
     Args:
         path: audio file.
         target_sr: output sample rate (16000 for Whisper, 48000 for CLAP).
         max_seconds: output length; longer clips are truncated (or rejected).
         min_seconds: clips shorter than this raise `AudioError`.
-        on_long: ``"truncate"`` (keep the first ``max_seconds``) or ``"error"``.
+        on_long: ``"truncate"`` (keep the first ``max_seconds``, flag ``truncated``, log a
+            WARNING once per file) or ``"error"``.
+        allow_silent: return a silent clip as zeros (flag ``silent``) instead of raising.
 
     Returns:
         `AudioClip` with ``waveform`` (target_sr * max_seconds,) float32.
 
     Raises:
-        AudioError: missing, corrupt, empty, non-finite, too short, or too long
-            with ``on_long="error"``.
+        AudioError: missing, a directory, corrupt, empty, non-finite, too short, silent (unless
+            ``allow_silent``; reason `SILENT_REASON`), or too long with ``on_long="error"``.
         ValueError: bad arguments.
     """
     if on_long not in ON_LONG:
         raise ValueError(f"on_long must be one of {ON_LONG}, got {on_long!r}")
     if target_sr <= 0 or max_seconds <= 0:
         raise ValueError(f"target_sr and max_seconds must be > 0, got {target_sr}, {max_seconds}")
-    x, sr, channels = read_mono(path)
-    duration = x.shape[0] / sr
+    x, sr, channels, total = read_audio(path, max_seconds=max_seconds)  # cut before resampling: less work
+    duration = total / sr
     if duration < min_seconds:
         raise AudioError(path, "duration_s", round(duration, 4), f"too short (< {min_seconds} s)")
     truncated = duration > max_seconds
     if truncated and on_long == "error":
         raise AudioError(path, "duration_s", round(duration, 3), f"too long (> {max_seconds} s)")
-    x = x[: int(np.ceil(max_seconds * sr))]  # cut before resampling: less work
+    silent_raw = float(np.abs(x).max()) <= SILENCE_PEAK
     x = resample(x, sr, target_sr)
     x, silent = peak_normalise(x)
+    if silent and not allow_silent:
+        where = f" in its first {max_seconds:g} s" if truncated else ""
+        how = "" if silent_raw else f" after resampling {sr} -> {target_sr} Hz"
+        raise AudioError(path, "samples", "all ~0", f"{SILENT_REASON}{where}{how}")
+    if truncated:
+        warn_truncated(path, duration, max_seconds)
     n_out = int(round(target_sr * max_seconds))
     num_valid = min(x.shape[0], n_out)
     waveform = np.zeros(n_out, dtype=np.float32)
@@ -151,18 +268,38 @@ def load_audio(
 def audio_problem(path: str | Path, *, min_seconds: float = 0.1, allow_silent: bool = False) -> AudioError | None:
     """Why an audio file is unusable (the error, naming its field), or None when it is fine (for validation).
 
-    Reads the whole file (a corrupt body is caught, not only a bad header).
-    Over-long, stereo or other-rate files are fine: the loader handles them.
+    Reads the whole file, in blocks (bounded memory): a corrupt body is caught, not only a bad
+    header. A WAV whose data chunk declares more frames than the file holds (a truncated
+    download) is reported. Over-long, stereo or other-rate files are fine: the loader handles them.
     """
+    path = Path(path)
+    problem = path_problem(path)
+    if problem is not None:
+        return problem
+    frames, peak = 0, 0.0
     try:
-        x, sr, _ = read_mono(path)
-    except AudioError as err:
-        return err
-    duration = x.shape[0] / sr
+        with sf.SoundFile(str(path)) as f:
+            sr = int(f.samplerate)
+            for block in f.blocks(blocksize=1 << 18, dtype="float32", always_2d=True):
+                if not block.size:
+                    continue
+                if not np.isfinite(block).all():
+                    return AudioError(path, "samples", "NaN/inf", "audio contains non-finite samples")
+                mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1)
+                frames, peak = frames + block.shape[0], max(peak, float(np.abs(mono).max()))
+    except _READ_ERRORS as err:
+        return AudioError(path, "audio", path.name, f"unreadable or corrupt audio ({err})")
+    if frames == 0:
+        return AudioError(path, "frames", 0, "empty audio file (0 frames)")
+    declared = wav_declared_frames(path)
+    if declared is not None and declared > frames:
+        return AudioError(path, "frames", f"{frames} of {declared}",
+                          f"file shorter than its header says: {frames} of {declared} frames (truncated download?)")
+    duration = frames / sr
     if duration < min_seconds:
         return AudioError(path, "duration_s", round(duration, 4), f"too short (< {min_seconds} s)")
-    if not allow_silent and float(np.abs(x).max()) <= SILENCE_PEAK:
-        return AudioError(path, "samples", "all ~0", "silent clip (peak <= -80 dBFS)")
+    if not allow_silent and peak <= SILENCE_PEAK:
+        return AudioError(path, "samples", "all ~0", SILENT_REASON)
     return None
 
 
@@ -176,5 +313,5 @@ def probe_duration(path: str | Path) -> float | None:
     """Clip length in seconds from the file header (cheap), or None if unreadable."""
     try:
         return float(sf.info(str(path)).duration)
-    except (sf.SoundFileError, RuntimeError, OSError, ValueError, EOFError):
+    except _READ_ERRORS:
         return None

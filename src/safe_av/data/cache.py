@@ -10,18 +10,23 @@ config never reads stale features::
     CACHE/<fingerprint>/bad.json              content sha256 -> why the file could not be encoded
     CACHE/<fingerprint>/shard-00000.safetensors
 
-A file that cannot be decoded is skipped, counted, and its reason kept, so a training or evaluation run that
-meets it later skips the sample with that reason (not "missing from the cache").
+A file that cannot be decoded (corrupt, silent, too short ...) is skipped, counted, and its reason kept, so a
+training or evaluation run that meets it later skips the sample with that reason (not "missing from the cache").
+A path that cannot be opened (missing, a directory, no permission) is a `DataError` naming the file, counted as
+``missing`` by `FeatureCache.build`. A clip longer than ``max_seconds`` is cached from its first ``max_seconds``
+(as `load_audio` truncates it) and counted as ``truncated``.
 
 Random audio augmentation would make features differ per epoch, so it is refused with a cache.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes (read in 1 MiB chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -45,7 +51,7 @@ def file_sha256(path: str | Path) -> str:
 def fingerprint(model, max_seconds: float) -> dict:
     """Everything that determines a cached entry besides the file's bytes."""
     return {"encoder": model.audio_encoder.config_fingerprint(), "num_audio_tokens": model.num_audio_tokens,
-            "max_seconds": max_seconds, "format": 2}
+            "max_seconds": max_seconds, "format": 3}
 
 
 class FeatureCache:
@@ -69,31 +75,56 @@ class FeatureCache:
     def open(cls, folder: str | Path, model, *, max_seconds: float = 10.0) -> "FeatureCache":
         return cls(Path(folder), fingerprint(model, max_seconds))
 
+    @property
+    def max_seconds(self) -> float:
+        """The clip length the cached features were computed from (longer clips were truncated)."""
+        return float(self.fp["max_seconds"])
+
     def key(self, path: str | Path) -> str:
-        """Content hash, memoised on (path, size, mtime)."""
-        st = os.stat(path)
-        memo = self._hashes.get(str(path))
-        if memo and memo[0] == (st.st_size, st.st_mtime_ns):
-            return memo[1]
-        digest = file_sha256(path)
+        """Content hash, memoised on (path, size, mtime).
+
+        Raises:
+            DataError: the path cannot be read as a file: missing ("audio file not found"), a directory
+                ("is a directory"), or any other OSError (its text).
+        """
+        try:
+            st = os.stat(path)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+            memo = self._hashes.get(str(path))
+            if memo and memo[0] == (st.st_size, st.st_mtime_ns):
+                return memo[1]
+            digest = file_sha256(path)
+        except FileNotFoundError as err:
+            raise DataError(path, "audio", str(path), "audio file not found") from err
+        except IsADirectoryError as err:
+            raise DataError(path, "audio", str(path), "is a directory") from err
+        except OSError as err:
+            raise DataError(path, "audio", str(path), f"cannot read the file ({err.strerror or err})") from err
         self._hashes[str(path)] = ((st.st_size, st.st_mtime_ns), digest)
         return digest
 
     def _known_bad(self, path) -> bool:
         try:
             return self.key(path) in self.bad
-        except FileNotFoundError:
+        except DataError:
             return False
 
     def __contains__(self, path) -> bool:
-        return self.key(path) in self.index
+        """Whether features of ``path`` are cached (False for a path that cannot be read)."""
+        try:
+            return self.key(path) in self.index
+        except DataError:
+            return False
 
     def get(self, path: str | Path) -> torch.Tensor:
-        """(K, D_audio) features of ``path``; KeyError if it was never cached."""
-        try:
-            key = self.key(path)
-        except FileNotFoundError as err:
-            raise DataError(path, "audio", str(path), "audio file not found") from err
+        """(K, D_audio) features of ``path``.
+
+        Raises:
+            DataError: the path cannot be read (see `key`), or `build` found the file unusable (its reason).
+            KeyError: it was never cached.
+        """
+        key = self.key(path)
         if key not in self.index:
             self.misses += 1
             if key in self.bad:  # seen by build() and not decodable: say why, as loading it would
@@ -106,34 +137,43 @@ class FeatureCache:
         return self._shards[shard].get_tensor(name)
 
     def build(self, model, paths: list[str], *, batch_size: int = 8) -> dict:
-        """Encode the files not cached yet (bad files are skipped and counted) and write one new shard."""
+        """Encode the files not cached yet (bad files are skipped and counted) and write one new shard.
+
+        Returns:
+            Counts: ``cached_before`` (entries already cached), ``new`` (encoded now), ``skipped`` (could not be
+            decoded now: their reasons go to ``bad.json``), ``missing`` (paths that cannot be read as a file:
+            absent, a directory, no permission), ``known_bad`` (distinct paths skipped by an earlier build),
+            ``truncated`` (of those encoded now, clips longer than ``max_seconds``: cached from their start).
+        """
         todo, seen, missing = [], set(), 0
         for p in paths:
             try:
                 k = self.key(p)
-            except FileNotFoundError:
+            except DataError as err:
                 missing += 1
-                log.warning("feature cache: skipped %s: file not found", p)
+                log.warning("feature cache: skipped %s", err)
                 continue
             if k not in self.index and k not in self.bad and k not in seen:
                 todo.append((p, k))
                 seen.add(k)
         stats = {"cached_before": len(self.index), "new": 0, "skipped": 0, "missing": missing,
-                 "known_bad": sum(1 for p in set(paths) if self._known_bad(p))}
+                 "known_bad": sum(1 for p in set(paths) if self._known_bad(p)), "truncated": 0}
         if not todo:
             return stats
         self.dir.mkdir(parents=True, exist_ok=True)
         key_of = dict((p, k) for p, k in todo)
         tensors: dict[str, torch.Tensor] = {}
         bad: dict[str, str] = {}
+        truncated: set[str] = set()
         for p, feat in encode_files(model, [p for p, _ in todo], max_seconds=self.fp["max_seconds"],
-                                    batch_size=batch_size):
+                                    batch_size=batch_size, truncated=truncated):
             if isinstance(feat, DataError):
                 log.warning("feature cache: skipped %s", feat)
                 stats["skipped"] += 1
                 bad[key_of[p]] = feat.reason
             else:
                 tensors[key_of[p]] = feat
+        stats["truncated"] = len(truncated)
         if bad:
             self.bad.update(bad)
             _write_json(self.dir / "bad.json", self.bad)
@@ -159,9 +199,11 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 @torch.no_grad()
-def encode_files(model, paths: list[str], *, max_seconds: float, batch_size: int = 8):
+def encode_files(model, paths: list[str], *, max_seconds: float, batch_size: int = 8,
+                 truncated: set[str] | None = None):
     """Yield ``(path, features)`` for each audio file - ``(K, D_audio)`` pooled encoder output on CPU - or
-    ``(path, DataError)`` for a file that cannot be loaded. The one place the frozen encoder runs offline."""
+    ``(path, DataError)`` for a file that cannot be loaded (silent clips included). The one place the frozen
+    encoder runs offline. Paths of clips cut to ``max_seconds`` are added to ``truncated`` when given."""
     enc = model.audio_encoder
     for start in range(0, len(paths), batch_size):
         names, waves, valid = [], [], []
@@ -171,6 +213,8 @@ def encode_files(model, paths: list[str], *, max_seconds: float, batch_size: int
             except DataError as err:
                 yield p, err
                 continue
+            if clip.truncated and truncated is not None:
+                truncated.add(p)
             names.append(p)
             waves.append(clip.waveform)
             valid.append(clip.num_valid)

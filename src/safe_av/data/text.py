@@ -131,13 +131,19 @@ class SAFEProcessor:
         """Collate loaded items into a model batch.
 
         Each item: ``question``, ``answer`` (or None), ``image`` (PIL or None), ``waveform`` (np.ndarray at
-        ``sampling_rate`` or None) with ``num_valid``, or ``audio_features`` (cached (K, D) tensor), and
-        ``meta`` (dict). Items that are None (skipped bad samples) are dropped and counted in ``skipped``.
+        ``sampling_rate`` or None) with ``num_valid``, or ``audio_features`` (cached (K, D) tensor), ``meta``
+        (dict), and optionally ``audio_truncated`` (bool: its clip was cut to ``data.max_audio_seconds``).
+        Items that are None (skipped bad samples) are dropped and counted in ``skipped``.
+
+        Every batch, the empty one (``{"empty": True, ...}``, when every item was skipped) included, holds
+        ``skipped`` (int: None items) and ``audio_truncated`` (int: items whose ``audio_truncated`` is true;
+        0 when none).
         """
         skipped = sum(1 for it in items if it is None)
         items = [it for it in items if it is not None]
+        audio_truncated = sum(1 for it in items if it.get("audio_truncated"))
         if not items:
-            return {"empty": True, "skipped": skipped}
+            return {"empty": True, "skipped": skipped, "audio_truncated": 0}
         enc = [self.encode(it["question"], it.get("answer"), has_image=it.get("image") is not None,
                            has_audio=_has_audio(it)) for it in items]
         pad = self.tokenizer.pad_token_id
@@ -162,6 +168,7 @@ class SAFEProcessor:
                                        [it.get("num_valid", len(it["waveform"])) for it in audio_items]))
         batch["meta"] = [it.get("meta", {}) for it in items]
         batch["skipped"] = skipped
+        batch["audio_truncated"] = audio_truncated
         return batch
 
     def batch_from_raw(self, images: list, audio: list, prompts: list[str]) -> dict:

@@ -1,10 +1,13 @@
 """``safe data validate``: read every record and open every file of a dataset.
 
 `validate` runs the format's reader over the splits, then checks each distinct
-audio file (`audio_problem`: missing, corrupt, empty, too short, silent) and image
-(`load_image`: missing, empty frame folder, unreadable). Problems are collected as
+audio file (`audio_problem`: missing, a directory, corrupt, shorter than its WAV
+header says, empty, too short, non-finite, silent) and image (`load_image`: missing,
+empty frame folder, unreadable, over PIL's pixel limit). Problems are collected as
 `BadEntry` items; nothing raises except a missing annotation file for a split the
-caller asked for explicitly.
+caller asked for explicitly. An annotation file that is not UTF-8 or not JSON is one
+bad entry for its split (the other splits are still checked); a split with no entries
+at all is one bad entry saying so.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from safe_av.data.audio import audio_problem
-from safe_av.data.formats import READERS, SPLITS
+from safe_av.data.formats import READERS, SPLITS, audiocaps, avsd, clotho, musicavqa, vqav2
 from safe_av.data.records import BadEntry, DataError, ReadResult
 from safe_av.data.synthetic import write_synthetic
 from safe_av.data.vision import ImageError, load_image
@@ -81,6 +84,10 @@ def validate(format: str, root: str | Path, splits: list[str] | None = None) -> 
             continue
         report.samples[split] = len(result.samples)
         report.bad.extend(result.bad)
+        if not result.samples and not result.bad:  # nothing to train on, and no entry to say why
+            skipped = sum(result.skipped.values())
+            why = f"no usable entries (all {skipped} skipped on purpose)" if skipped else "no entries"
+            report.bad.append(BadEntry(_annotation_file(format, root, split), "entries", 0, why))
         for reason, n in result.skipped.items():
             report.skipped[reason] = report.skipped.get(reason, 0) + n
         _check_media(result, checked, report)
@@ -89,6 +96,16 @@ def validate(format: str, root: str | Path, splits: list[str] | None = None) -> 
                else "no split annotation file found (layouts: safe_av/data/formats/LAYOUTS.md)")
         report.bad.append(BadEntry(str(root), "annotations", SPLITS[format], why))
     return report
+
+
+def _annotation_file(format: str, root: str | Path, split: str) -> str:
+    """The annotation file read for ``split`` (the questions file for VQA v2), to name it in a report."""
+    locate = {"musicavqa": musicavqa.annotation_path, "audiocaps": audiocaps.annotation_path,
+              "clotho": clotho.annotation_path, "avsd": avsd.annotation_path, "vqav2": vqav2.question_path}[format]
+    try:
+        return str(locate(root, split))
+    except FileNotFoundError:
+        return f"{root} ({split})"
 
 
 def _check_media(result: ReadResult, checked: set[str], report: ValidationReport) -> None:
@@ -102,6 +119,9 @@ def _check_media(result: ReadResult, checked: set[str], report: ValidationReport
             err = audio_problem(path) if kind == "audio" else _image_problem(path)
             if err is not None:  # the entry names the file once; the error's own field only when it is another
                 reason = err.reason if err.field == kind else f"{err.field} = {err.value!r}: {err.reason}"
+                inner = Path(err.path).name  # the frame of a frame folder that failed, unless the reason names it
+                if err.path != str(path) and inner not in reason:
+                    reason = f"{inner}: {reason}"
                 report.bad.append(BadEntry(f"{sample.dataset} sample {sample.id}", kind, path, reason))
 
 

@@ -5,6 +5,23 @@ extracted at 1 fps), where it takes the middle frame by sorted name.
 `augment_image` applies the spec's random crop, colour jitter and horizontal flip,
 except that it never flips when the question (or answer) speaks of left or right:
 a flip would make the label wrong.
+
+Decoding never crashes the caller: any exception PIL raises while opening, decoding
+or converting a file (truncated body, corrupt header, a header announcing more pixels
+than PIL's decompression-bomb limit ``Image.MAX_IMAGE_PIXELS``) becomes an
+`ImageError` naming the file, so a data loader skips and counts it like any bad file.
+
+High-bit-depth images are rescaled to 8 bits before the RGB conversion (PIL's own
+``convert("RGB")`` clips them, turning a 16-bit image white and a float image black):
+
+* 16-bit modes (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``): ``round(v / 257)``, so
+  0..65535 maps onto 0..255 exactly;
+* 32-bit integer ``I``: the same when every value lies in 0..65535 (PIL opens some
+  16-bit files so), else a linear stretch of min..max onto 0..255;
+* float ``F``: ``round(v * 255)`` when every value lies in [0, 1], else a linear
+  stretch of min..max onto 0..255; a NaN/inf pixel is an `ImageError`.
+
+A constant image outside those ranges (nothing to stretch) becomes black.
 """
 
 from __future__ import annotations
@@ -14,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance, UnidentifiedImageError
+from PIL import Image, ImageEnhance
 
 from safe_av.data.records import DataError
 
@@ -36,11 +53,14 @@ def resolve_image_path(path: str | Path) -> Path:
     """The image file for ``path``: itself, or the middle frame of a folder.
 
     Raises:
-        ImageError: missing path, or a folder without image files.
+        ImageError: missing path, an unlistable folder, or a folder without image files.
     """
     path = Path(path)
     if path.is_dir():
-        frames = frame_files(path)
+        try:
+            frames = frame_files(path)
+        except OSError as err:  # e.g. no permission to list it
+            raise ImageError(path, "image", str(path), f"cannot list the frame folder ({err})") from err
         if not frames:
             raise ImageError(path, "image", str(path), f"frame folder has no {'/'.join(IMAGE_SUFFIXES)} files")
         return frames[len(frames) // 2]
@@ -50,18 +70,72 @@ def resolve_image_path(path: str | Path) -> Path:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image (or the middle frame of a frame folder) as RGB.
+    """Open an image (or the middle frame of a frame folder) as 8-bit RGB.
+
+    16-bit and float images are rescaled to 8 bits first (rule in the module docstring).
 
     Raises:
-        ImageError: missing, empty folder, or unreadable/corrupt image.
+        ImageError: missing, empty folder, unreadable/corrupt image (any exception PIL raises while decoding),
+            more pixels than PIL's decompression-bomb limit, or a float image with NaN/inf pixels.
     """
     file = resolve_image_path(path)
-    try:
+    try:  # PIL calls only: whatever they raise is a property of the file
         with Image.open(file) as img:
             img.load()  # decode now: a truncated body fails here, not later
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ImageError(file, "image", file.name, f"unreadable or corrupt image ({err})") from err
+            if img.mode not in WIDE_MODES:
+                return img.convert("RGB")
+            mode, pixels = img.mode, np.asarray(img)
+    except Image.DecompressionBombError as err:
+        raise _bomb_error(file, err) from err
+    except Exception as err:  # noqa: BLE001 - PIL's decoders raise many types (struct.error, IndexError, ...)
+        raise ImageError(file, "image", file.name, f"unreadable or corrupt image ({_describe(err)})") from err
+    return Image.fromarray(to_uint8(pixels, mode, file)).convert("RGB")
+
+
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+"""PIL modes with more than 8 bits per pixel, which `load_image` rescales itself."""
+
+
+def to_uint8(pixels: np.ndarray, mode: str, file: str | Path = "<image>") -> np.ndarray:
+    """Rescale a 16-bit, 32-bit integer or float single-band image to uint8 (rule in the module docstring).
+
+    Args:
+        pixels: (H, W) array of the image.
+        mode: its PIL mode, one of `WIDE_MODES`.
+        file: named in the error.
+
+    Raises:
+        ImageError: a float image with NaN/inf pixels.
+    """
+    x = pixels.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise ImageError(file, "pixels", "NaN/inf", f"{mode} image contains non-finite pixels")
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+        x = x / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        x = x * 255.0
+    elif hi > lo:
+        x = (x - lo) * (255.0 / (hi - lo))
+    else:  # constant and outside the known ranges: nothing to stretch
+        x = np.zeros_like(x)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _bomb_error(file: Path, err: Exception) -> ImageError:
+    """The `ImageError` of an image over PIL's pixel limit, with its pixel count and the limit when PIL gives them."""
+    found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(err))
+    if found is None:
+        return ImageError(file, "pixels", file.name, f"too many pixels: {err}")
+    return ImageError(file, "pixels", int(found.group(1)),
+                      f"exceeds the limit of {int(found.group(2))} pixels (PIL decompression-bomb guard; "
+                      "a huge image or a corrupt size in its header)")
+
+
+def _describe(err: BaseException) -> str:
+    """``str(err)``, prefixed by its type when that is not an OSError (whose text already says what failed)."""
+    text = str(err) or type(err).__name__
+    return text if isinstance(err, OSError) or not str(err) else f"{type(err).__name__}: {text}"
 
 
 def mentions_side(*texts: str) -> bool:

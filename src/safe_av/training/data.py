@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from safe_av.config import DataConfig
-from safe_av.data.audio import load_audio
+from safe_av.data.audio import load_audio, probe_duration, warn_truncated
 from safe_av.data.formats import read as read_format
 from safe_av.data.records import DataError, Sample
 from safe_av.data.sampling import CurriculumBatchSampler
@@ -49,8 +49,19 @@ _WARNED: set[tuple[str, str]] = set()  # samples whose skip was logged at WARNIN
 class SAFEDataset(Dataset):
     """Loads a sample's image and audio. A bad file is skipped (``None``) and counted by the collate.
 
+    Bad files are those `load_image` / `load_audio` reject (missing, a directory, corrupt, empty, too short,
+    silent, ...). An item with audio carries ``audio_truncated``: whether its clip was longer than
+    ``max_seconds`` (the feature cache's own limit with a cache) and so cut to its start; the collate counts
+    those rows in ``batch["audio_truncated"]``. Items without audio carry ``audio_truncated=False``.
+
     Augmentation draws from ``(seed, epoch, index)`` only, so a resumed run sees the same pixels.
     Cached audio features (``feature_cache``) replace the waveform when given.
+
+    Logging: a skipped sample is logged once per process at WARNING (later at DEBUG) and a cut clip once per
+    file and process. With DataLoader workers each worker is a process, and warnings come from the batches a
+    worker loads - prefetched ones the consumer never uses included - so there can be more warnings than skips
+    counted. The counts (``batch["skipped"]``, ``batch["audio_truncated"]``) are exact: they travel with the
+    batches, and only consumed batches are summed by the training loop.
     """
 
     def __init__(self, samples: list[Sample], *, sampling_rate: int, max_seconds: float = 10.0,
@@ -64,6 +75,7 @@ class SAFEDataset(Dataset):
         self.epoch = 0
         self.feature_cache = feature_cache
         self.with_answers = with_answers  # False: prompts only, for generation
+        self._durations: dict[str, float | None] = {}  # header durations of cached clips (this process)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -74,7 +86,7 @@ class SAFEDataset(Dataset):
     def __getitem__(self, index: int) -> dict | None:
         s = self.samples[index]
         answer = s.answers[0] if (s.answers and self.with_answers) else None
-        item = {"question": s.question, "answer": answer, "image": None,
+        item = {"question": s.question, "answer": answer, "image": None, "audio_truncated": False,
                 "meta": {"id": s.id, "dataset": s.dataset, "question_type": s.question_type,
                          "answers": list(s.answers), "difficulty": s.difficulty, "question": s.question}}
         try:
@@ -87,9 +99,11 @@ class SAFEDataset(Dataset):
             if s.audio is not None:
                 if self.feature_cache is not None:
                     item["audio_features"] = self.feature_cache.get(s.audio)
+                    item["audio_truncated"] = self._cached_clip_cut(s.audio)
                 else:
                     clip = load_audio(s.audio, target_sr=self.sampling_rate, max_seconds=self.max_seconds)
                     item["waveform"], item["num_valid"] = clip.waveform, clip.num_valid
+                    item["audio_truncated"] = clip.truncated
         except (DataError, KeyError) as err:  # KeyError: a file missing from the feature cache
             # once per sample and process at WARNING (evaluation reads each sample under several conditions);
             # every skip is still counted by the collate
@@ -99,6 +113,18 @@ class SAFEDataset(Dataset):
             log.log(logging.WARNING if first else logging.DEBUG, "skipped sample %s/%s: %s", s.dataset, s.id, err)
             return None
         return item
+
+    def _cached_clip_cut(self, path: str) -> bool:
+        """Whether the clip behind cached features was longer than the cache's ``max_seconds`` (header probe,
+        memoised per path); it is logged once per file like a clip `load_audio` cuts."""
+        if path not in self._durations:
+            self._durations[path] = probe_duration(path)
+        duration = self._durations[path]
+        limit = float(getattr(self.feature_cache, "max_seconds", self.max_seconds))
+        if duration is None or duration <= limit:
+            return False
+        warn_truncated(path, duration, limit)
+        return True
 
 
 class _Batches(torch.utils.data.Sampler):

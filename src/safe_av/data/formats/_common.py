@@ -29,17 +29,24 @@ def find_file(root: Path, candidates: Iterable[str], what: str) -> Path:
 
 
 def load_json(path: Path) -> Any:
-    """Parse a JSON annotation file.
+    """Parse a JSON annotation file (UTF-8, as JSON requires).
 
     Raises:
         FileNotFoundError: the file is missing.
-        DataError: the file is not valid JSON (names the line and column).
+        DataError: the file is not UTF-8 (names the byte, its position and line) or not valid JSON
+            (names the line and column).
     """
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
+    raw = path.read_bytes()
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(path, "encoding", f"byte 0x{raw[err.start]:02x} at position {err.start} (line {line})",
+                        f"not valid UTF-8 ({err.reason})") from err
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(path, "json", f"line {err.lineno} col {err.colno}", f"invalid JSON: {err.msg}") from err
 

@@ -18,6 +18,11 @@ Expected ``--root`` layout::
 
 A clip whose audio was never downloaded still yields a `Sample` (path of the
 expected ``.wav``); ``safe data validate`` reports it as missing.
+
+Rejected as bad entries (naming file, line, column and value): a non-numeric
+``audiocap_id`` or ``start_time``, an empty ``youtube_id`` or caption, and a repeated
+``audiocap_id`` (the first row is kept; a duplicated row would otherwise add its
+caption to the clip twice).
 """
 
 from __future__ import annotations
@@ -58,11 +63,19 @@ def read(root: str | Path, split: str, *, probe_durations: bool = True) -> ReadR
     path = annotation_path(root, split)
     result = ReadResult()
     groups: dict[tuple[str, int], list[tuple[int, str]]] = {}
+    first_line: dict[int, int] = {}
     for i, row in enumerate(read_csv_rows(path, COLUMNS)):
-        parsed = _parse_row(row, f"{path}:{i + 2}", result)  # +2: header, 1-based lines
-        if parsed is not None:
-            cap_id, youtube_id, start, caption = parsed
-            groups.setdefault((youtube_id, start), []).append((cap_id, caption))
+        where = f"{path}:{i + 2}"  # +2: header, 1-based lines
+        parsed = _parse_row(row, where, result)
+        if parsed is None:
+            continue
+        cap_id, youtube_id, start, caption = parsed
+        if cap_id in first_line:
+            result.bad.append(BadEntry(where, "audiocap_id", row.get("audiocap_id"),
+                                       f"duplicate audiocap_id (first on line {first_line[cap_id]})"))
+            continue
+        first_line[cap_id] = i + 2
+        groups.setdefault((youtube_id, start), []).append((cap_id, caption))
     probe = DurationProbe(probe_durations)
     for (youtube_id, start), rows in groups.items():
         audio = audio_path(root, split, youtube_id)

@@ -17,6 +17,13 @@ the previous turns as ``[question, answer]`` pairs, plus ``caption``, ``summary`
 ``turn``. Turns whose answer is ``__UNDISCLOSED__`` (the DSTC7 test set hides the
 last answer) are skipped and counted in ``ReadResult.skipped``.
 
+Rejected as bad entries (naming file, position, field and value): a dialog that is not
+an object or has no list of turns, a missing ``image_id``, a second dialog for the same
+video (the first is kept: its sample ids ``<video_id>_<turn>`` would repeat), and a turn
+whose question or answer is missing or not a string. The turns after such a turn are
+dropped too (their history would be broken): the bad entry says how many, and they are
+counted in ``ReadResult.skipped`` as ``"turn after a malformed turn"``.
+
 Expected ``--root`` layout (the Charades videos, audio and 1 fps frames extracted)::
 
     ROOT/
@@ -59,7 +66,13 @@ def read(root: str | Path, split: str, *, probe_durations: bool = True) -> ReadR
     data = load_json(path)
     result = ReadResult()
     probe = DurationProbe(probe_durations)
+    first: dict[str, str] = {}
     for where, video_id, record in _dialogs(data, str(path), result):
+        if video_id in first:
+            result.bad.append(BadEntry(where, "image_id", video_id,
+                                       f"duplicate dialog for this video (the first, at {first[video_id]}, is used)"))
+            continue
+        first[video_id] = where.removeprefix(str(path))
         _read_dialog(record, video_id, where, root, probe, result)
     return result
 
@@ -96,8 +109,12 @@ def _read_dialog(record: Any, video_id: str, where: str, root: Path, probe: Dura
         q, a = (turn.get("question"), turn.get("answer")) if isinstance(turn, dict) else (None, None)
         if not isinstance(q, str) or not isinstance(a, str):
             field = "question" if not isinstance(q, str) else "answer"
-            result.bad.append(BadEntry(f"{where}[dialog][{t}]", field, turn, "missing or not a string"))
-            return  # later turns would carry a broken history
+            dropped = len(turns) - t - 1  # later turns would carry a broken history
+            more = f"; the {dropped} later turn(s) of this dialog are dropped too" if dropped else ""
+            result.bad.append(BadEntry(f"{where}[dialog][{t}]", field, turn, f"missing or not a string{more}"))
+            for _ in range(dropped):
+                result.skip("turn after a malformed turn")
+            return
         if a.strip() == UNDISCLOSED:
             result.skip("answer undisclosed")
             continue

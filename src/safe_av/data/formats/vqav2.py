@@ -17,6 +17,13 @@ VQA accuracy min(#matches/3, 1) is unaffected) so that one equal to
 (``test``/``test-dev`` → ``*test2015*``/``*test-dev2015*`` questions, images in
 ``test2015/``) have no annotations: their samples have ``answers == []``.
 
+Rejected as bad entries (naming file, index, field and value), as the MUSIC-AVQA reader
+does: a question or annotation that is not an object or lacks/mistypes a field, an
+empty question, an empty ``multiple_choice_answer`` or human answer, an unknown
+``answer_type``, a question without annotation, and duplicates: a repeated
+``question_id`` in the questions or in the annotations keeps the first occurrence
+and reports each later one.
+
 Expected ``--root`` layout::
 
     ROOT/
@@ -78,10 +85,18 @@ def read(root: str | Path, split: str) -> ReadResult:
     if subtype(split).endswith("2014"):
         a_path = annotation_path(root, split)
         annotations = _index_annotations(_list_field(load_json(a_path), "annotations", a_path), str(a_path), result)
+    first: dict[str, int] = {}
     for i, q in enumerate(questions):
-        sample = _parse(q, f"{q_path}[questions][{i}]", root, split, annotations, result)
-        if sample is not None:
-            result.samples.append(sample)
+        where = f"{q_path}[questions][{i}]"
+        sample = _parse(q, where, root, split, annotations, result)
+        if sample is None:
+            continue
+        if sample.id in first:
+            result.bad.append(BadEntry(where, "question_id", q["question_id"],
+                                       f"duplicate question_id (first at [questions][{first[sample.id]}])"))
+            continue
+        first[sample.id] = i
+        result.samples.append(sample)
     return result
 
 
@@ -92,12 +107,20 @@ def _list_field(data: Any, key: str, path: Path) -> list:
 
 
 def _index_annotations(items: list, where: str, result: ReadResult) -> dict[int, dict]:
+    """Annotations by ``question_id``; a malformed id or a repeated one (the first is kept) is a bad entry."""
     index: dict[int, dict] = {}
+    first: dict[int, int] = {}
     for i, ann in enumerate(items):
         qid = ann.get("question_id") if isinstance(ann, dict) else None
         if not isinstance(qid, int) or isinstance(qid, bool):
             result.bad.append(BadEntry(f"{where}[annotations][{i}]", "question_id", qid, "missing or not an integer"))
             continue
+        if qid in first:
+            result.bad.append(BadEntry(f"{where}[annotations][{i}]", "question_id", qid,
+                                       f"duplicate annotation for this question_id (the first, at "
+                                       f"[annotations][{first[qid]}], is used)"))
+            continue
+        first[qid] = i
         index[qid] = ann
     return index
 
@@ -112,6 +135,10 @@ def _parse(
         if not isinstance(q.get(key), types) or isinstance(q.get(key), bool):
             result.bad.append(BadEntry(where, key, q.get(key), "missing or wrong type"))
             return None
+    if not q["question"].strip():
+        result.bad.append(BadEntry(f"{where} (question_id={q['question_id']})", "question", q["question"],
+                                   "empty string"))
+        return None
     qid, image_id = q["question_id"], q["image_id"]
     attributes: dict[str, Any] = {"image_id": image_id}
     answers: list[str] = []
@@ -149,6 +176,14 @@ def _parse_annotation(ann: dict | None, where: str, result: ReadResult) -> tuple
     mca, answer_type = ann.get("multiple_choice_answer"), ann.get("answer_type")
     if not isinstance(mca, str):
         result.bad.append(BadEntry(where, "multiple_choice_answer", mca, "missing or not a string"))
+        return None
+    if not mca.strip():
+        result.bad.append(BadEntry(where, "multiple_choice_answer", mca, "empty string"))
+        return None
+    empty = [k for k, a in enumerate(raw) if not a["answer"].strip()]
+    if empty:
+        result.bad.append(BadEntry(where, f"answers[{empty[0]}].answer", raw[empty[0]]["answer"],
+                                   f"empty string ({len(empty)} of {len(raw)} answers empty)"))
         return None
     if answer_type not in ANSWER_TYPES:
         result.bad.append(BadEntry(where, "answer_type", answer_type, f"expected one of {ANSWER_TYPES}"))
