@@ -6,9 +6,14 @@ model = api.load("runs/demo")            # a run folder, its adapter/ folder or 
 print(model.answer("Which instrument is playing?", image="x.jpg", audio="y.wav"))
 ```
 
-Either medium is optional: without audio the answer is the base VL model's own (SAFE adds nothing
-to a sample without audio). ``answer_batch`` takes ``[{"question": ..., "image": ..., "audio": ...}]``.
-Bad inputs raise :class:`safe_av.eval.run.InputError` naming the item and the field.
+Either medium is optional. Without audio SAFE adds no audio tokens, so the answer is the base VL
+model's own only when training changed nothing inside the base (no ``base`` part with ``unfreeze``, no
+LoRA: :attr:`SAFE.base_is_original`); a run that trained LoRA or base modules (the demo's phase 3 trains
+LoRA and ``language_projection``) answers image-only questions with those changes. The base's own answers
+come from the original weights: :class:`safe_av.eval.run.OriginalModel` (see ``docs/inference.md``).
+``answer_batch`` takes ``[{"question": ..., "image": ..., "audio": ...}]``. Bad inputs raise
+:class:`safe_av.eval.run.InputError` naming the item and the field; bad arguments raise ``ValueError`` /
+``TypeError``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,25 @@ import torch
 
 from safe_av.data.records import DataError
 from safe_av.data.text import move_batch
-from safe_av.eval.run import InputError, LoadedCheckpoint, load_checkpoint
+from safe_av.eval.run import InputError, LoadedCheckpoint, load_checkpoint, unknown_fields_error
+
+
+def _count(name: str, value, default: int | None = None) -> int | None:
+    """``value`` checked as a count >= 1 (``None``: ``default``)."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected an integer >= 1 (None for the default)")
+    return int(value)
+
+
+def _media_error(where: str, name: str, value, err: DataError) -> InputError:
+    """``where: field 'audio' = 'x.wav': file not found``: the field and the path named once (``err`` names them
+    too), the file inside a frame folder and another aspect than the file itself (``duration_s = 12.0``) kept."""
+    detail = err.reason if err.field == name else f"{err.field} = {err.value!r}: {err.reason}"
+    if Path(err.path) != Path(value):
+        detail = f"{err.path}: {detail}"
+    return InputError(f"{where}: field {name!r} = {str(value)!r}: {detail}")
 
 
 class SAFE:
@@ -39,8 +62,17 @@ class SAFE:
         self.model = loaded.model
         self.processor = loaded.processor
         self.cfg = loaded.cfg
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
+        self.max_new_tokens = _count("max_new_tokens", max_new_tokens)
+        self.batch_size = _count("batch_size", batch_size)
+
+    @property
+    def base_is_original(self) -> bool:
+        """True when the loaded weights change nothing inside the base: every unfrozen base parameter equals its
+        original (anchor) value and every LoRA ``lora_B`` is zero. Only then is an answer without audio the base
+        VL model's own (``OriginalModel`` gives those in any case)."""
+        params = dict(self.model.named_parameters())
+        lora_idle = not any(bool(p.any()) for n, p in params.items() if "lora_B" in n)
+        return lora_idle and all(torch.equal(params[k], v) for k, v in self.model.anchors.items())
 
     @property
     def sampling_rate(self) -> int:
@@ -70,7 +102,7 @@ class SAFE:
                 try:
                     item["image"] = load_image(image)
                 except DataError as err:
-                    raise InputError(f"{where}: field 'image': {err}") from err
+                    raise _media_error(where, "image", image, err) from err
             else:
                 raise InputError(f"{where}: field 'image' must be a path or a PIL image, got {type(image).__name__}")
         if audio is not None:
@@ -78,10 +110,20 @@ class SAFE:
                 try:
                     clip = load_audio(audio, target_sr=self.sampling_rate, max_seconds=self.cfg.data.max_audio_seconds)
                 except DataError as err:
-                    raise InputError(f"{where}: field 'audio': {err}") from err
+                    raise _media_error(where, "audio", audio, err) from err
                 item["waveform"], item["num_valid"] = clip.waveform, clip.num_valid
             else:
-                wave = np.asarray(audio, dtype=np.float32)
+                if isinstance(audio, (bytes, bytearray, memoryview)):
+                    raise InputError(f"{where}: field 'audio' must be a path or a 1-D float waveform at "
+                                     f"{self.sampling_rate} Hz, got {type(audio).__name__} (decode the file first, "
+                                     "or pass its path)")
+                try:
+                    if torch.is_tensor(audio):
+                        audio = audio.detach().cpu().float().numpy()
+                    wave = np.asarray(audio, dtype=np.float32)
+                except (TypeError, ValueError) as err:
+                    raise InputError(f"{where}: field 'audio' must be a path or a 1-D float waveform at "
+                                     f"{self.sampling_rate} Hz, got {type(audio).__name__} ({err})") from None
                 if wave.ndim != 1 or wave.size == 0 or not np.isfinite(wave).all():
                     raise InputError(f"{where}: field 'audio': expected a non-empty finite 1-D waveform at "
                                      f"{self.sampling_rate} Hz, got shape {wave.shape}")
@@ -93,11 +135,18 @@ class SAFE:
         """Answers for items made by :meth:`prepare` (one batch)."""
         if not items:
             return []
+        max_new_tokens = _count("max_new_tokens", max_new_tokens, self.max_new_tokens)
         batch = move_batch(self.processor.collate(items), self.model.device)
-        return self.model.generate_from_batch(batch, max_new_tokens=max_new_tokens or self.max_new_tokens)
+        return self.model.generate_from_batch(batch, max_new_tokens=max_new_tokens)
 
     def answer(self, question: str, image=None, audio=None, *, max_new_tokens: int | None = None) -> str:
-        """The model's answer to ``question`` about ``image`` and/or ``audio`` (paths, PIL image, waveform)."""
+        """The model's answer to ``question`` about ``image`` and/or ``audio`` (paths, PIL image, waveform).
+
+        Raises:
+            InputError: a bad question, image or audio (naming the field).
+            ValueError: ``max_new_tokens`` < 1 (None: the default).
+        """
+        _count("max_new_tokens", max_new_tokens)
         return self.generate_items([self.prepare(question, image, audio)], max_new_tokens=max_new_tokens)[0]
 
     def answer_batch(self, requests: list[dict], *, batch_size: int | None = None,
@@ -105,8 +154,14 @@ class SAFE:
         """Answers for ``[{"question": ..., "image": ..., "audio": ...}, ...]`` in order.
 
         Raises:
-            InputError: an item is not a dict, lacks ``question``, or a file cannot be loaded (named by index).
+            InputError: an item is not a dict, lacks ``question``, has an unknown field, or a file cannot be loaded
+                (named by index).
+            ValueError: ``batch_size`` or ``max_new_tokens`` < 1 (None: the defaults).
         """
+        size = _count("batch_size", batch_size, self.batch_size)
+        _count("max_new_tokens", max_new_tokens)
+        if isinstance(requests, (str, bytes, dict)):
+            raise InputError(f"requests: expected a list of dicts with 'question', got {type(requests).__name__}")
         items = []
         for i, req in enumerate(requests):
             where = f"requests[{i}]"
@@ -114,11 +169,10 @@ class SAFE:
                 raise InputError(f"{where}: expected a dict with 'question', got {type(req).__name__}")
             if "question" not in req:
                 raise InputError(f"{where}: field 'question' is missing")
-            unknown = set(req) - {"question", "image", "audio"}
+            unknown = unknown_fields_error(req, where)
             if unknown:
-                raise InputError(f"{where}: unknown field(s) {sorted(unknown)} (known: question, image, audio)")
+                raise InputError(unknown)
             items.append(self.prepare(req["question"], req.get("image"), req.get("audio"), where=where))
-        size = batch_size or self.batch_size
         out: list[str] = []
         for start in range(0, len(items), size):
             out.extend(self.generate_items(items[start:start + size], max_new_tokens=max_new_tokens))
@@ -136,11 +190,27 @@ def load(path: str | Path, *, config=None, device: str | torch.device | None = N
     Args:
         path: a run folder (``RUN/``), an adapter folder (``RUN/adapter``) or a training checkpoint
             (``RUN/checkpoints/step-XXXXXXX``). The model is rebuilt from the run's ``config.yaml``.
-        config: a :class:`~safe_av.config.SAFEConfig` to use when the folder has no run config beside it.
+        config: a :class:`~safe_av.config.SAFEConfig`, or the path of a YAML config, to use when the folder has
+            no run config beside it.
         device: where to run (default: CUDA if available, else CPU).
-        max_new_tokens: default answer length limit.
-        batch_size: ``answer_batch``'s default batch size.
+        max_new_tokens: default answer length limit (>= 1).
+        batch_size: ``answer_batch``'s default batch size (>= 1).
+
+    Raises:
+        FileNotFoundError: nothing loadable at ``path`` (or ``config`` not found).
+        TypeError: ``config`` is neither a ``SAFEConfig`` nor a path.
+        ValueError: a bad ``device`` / ``max_new_tokens`` / ``batch_size``, or an adapter that does not fit the
+            base (``safe_av.eval.run.load_checkpoint``).
     """
+    from safe_av.config import SAFEConfig, load_config
+
+    _count("max_new_tokens", max_new_tokens)
+    _count("batch_size", batch_size)
+    if isinstance(config, (str, Path)):
+        config = load_config(config)
+    elif config is not None and not isinstance(config, SAFEConfig):
+        raise TypeError(f"config: expected a safe_av.config.SAFEConfig or the path of a YAML config, got "
+                        f"{type(config).__name__}")
     return SAFE(load_checkpoint(path, config, device=device), max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 

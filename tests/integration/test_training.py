@@ -242,3 +242,15 @@ def test_eval_max_samples_caps_a_training_runs_evaluation_sets(small_corpus, tmp
     cfg = tiny_train_config(small_corpus, tmp_path, **{"train.pretrain.enabled": "false", "eval.max_samples": 3})
     metrics = Trainer(cfg, tmp_path / "run").train()
     assert metrics["eval_samples"] == {"vqa": {"evaluated": 3, "skipped": 0}, "avqa": {"evaluated": 3, "skipped": 0}}
+
+
+def test_checkpoints_record_where_the_base_is_and_what_it_was(full_run):
+    """meta.json of a training checkpoint has what adapter_config.json has, so an unfinished run loads from
+    anywhere: the pretrained base's path, its family and the weight fingerprints."""
+    _, tmp, _ = full_run
+    adapter = json.loads((tmp / "run" / "adapter" / "adapter_config.json").read_text())
+    for meta_file in (tmp / "run" / "checkpoints").glob("step-*/meta.json"):
+        meta = json.loads(meta_file.read_text())
+        assert meta["base_path"] and meta["base_path"] == adapter["base_path"]
+        for key in ("base_family", "audio_kind", "base_fingerprint", "audio_encoder_fingerprint"):
+            assert meta[key] == adapter[key], key

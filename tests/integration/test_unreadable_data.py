@@ -80,3 +80,23 @@ def test_too_few_samples_for_a_batch_name_the_phase(small_corpus, tmp_path):
     with pytest.raises(ValueError, match=r"phase 'p1': 4 training sample\(s\) in datasets \['audiocaps'\] under "
                                          r".*fewer than one batch \(16 x 1 process\(es\)\)"):
         Trainer(cfg, tmp_path / "run").train()
+
+
+def test_fisher_passes_over_batches_without_a_loadable_image(small_corpus, tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(small_corpus, root)
+    images = sorted({s.image for s in read("vqav2", root / "vqav2", "train").samples})
+    for f in images[::2]:  # half the VQA training images corrupt: batches still have some, Fisher is estimated
+        Path(f).write_bytes(b"not an image")
+    cfg = _cfg(root, tmp_path, **{"loss.fisher_batches": 3})
+    trainer = Trainer(cfg, tmp_path / "half")
+    trainer.setup()
+    trainer._setup_fisher()
+    assert trainer.fisher is not None
+    for f in images:  # all of them: a clear error instead of a forward without inputs
+        Path(f).write_bytes(b"not an image")
+    trainer = Trainer(cfg, tmp_path / "none")
+    trainer.setup()
+    with pytest.raises(DataUnreadableError, match=r"Fisher: 10 batches of VL training samples in a row had no "
+                                                  r"loadable image \(datasets \['vqav2'\]"):
+        trainer._setup_fisher()

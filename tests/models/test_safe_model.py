@@ -398,3 +398,128 @@ def test_logits_start_is_none_for_encoder_decoder_models_and_without_labels(tiny
     batch = _batch(model, rng)
     assert model.logits_start(batch) is None
     assert model.logits_start({k: v for k, v in batch.items() if k != "labels"}) is None
+
+
+# ------------------------------------------------------------------ strict, checked adapter loading
+
+
+def _fresh_blip2_opt() -> BaseVL:
+    """A base of its own (LoRA is injected into the base a SAFEModel is built around)."""
+    return BaseVL(*load_base("tiny-blip2-opt"))
+
+
+def _trained_adapter(enc, path):
+    """An adapter with every kind of tensor: projector (+ its input statistics), fusion, LoRA and an unfrozen
+    base module, all moved away from their initial values; saved to ``path``."""
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    model = SAFEModel(_fresh_blip2_opt(), enc, num_audio_tokens=4, projector_hidden=64,
+                      unfreeze=["language_projection"],
+                      lora=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])).eval()
+    with torch.no_grad():
+        model.fusion.attn_gate.fill_(1.0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "language_projection" in n:
+                p.add_(0.05 * torch.randn_like(p))
+        model.projector.set_input_stats(torch.randn(6, 4, enc.output_dim) * 2 + 1)
+    model.save_pretrained(path)
+    return model
+
+
+def test_from_pretrained_is_strict_about_missing_tensors(tiny_models, rng, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, enc = tiny_models("tiny-blip2-opt")
+    model = _trained_adapter(enc, tmp_path / "full")
+    saved = load_file(str(tmp_path / "full" / "adapter.safetensors"))
+    assert {"projector.input_mean", "projector.input_std"} <= set(saved)
+    assert any("lora_B" in k for k in saved) and any("language_projection" in k for k in saved)
+    # the complete adapter loads, exactly
+    loaded = SAFEModel.from_pretrained(tmp_path / "full", base=_fresh_blip2_opt(), audio_encoder=enc).eval()
+    batch = _batch(model, rng)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+    def truncated(name, drop):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text((tmp_path / "full" / "adapter_config.json").read_text())
+        save_file({k: v for k, v in saved.items() if k not in drop}, str(folder / "adapter.safetensors"))
+        return folder
+
+    lora_b = next(k for k in saved if "lora_B" in k)
+    proj_bias = next(k for k in saved if "language_projection.bias" in k)
+    for name, drop in [("fusion", {"fusion.q_proj.weight", "projector.projection.0.weight"}), ("lora", {lora_b}),
+                       ("base", {proj_bias}), ("one_buffer", {"projector.input_std"})]:
+        folder = truncated(name, drop)
+        with pytest.raises(ValueError) as err:
+            SAFEModel.from_pretrained(folder, base=_fresh_blip2_opt(), audio_encoder=enc)
+        message = str(err.value)
+        assert message.startswith(f"{folder / 'adapter.safetensors'}: {len(drop)} adapter tensor(s) missing: ")
+        assert all(repr(k) in message for k in drop), message
+    # an adapter written before the projector's input statistics were saved (none of them): identity
+    old = SAFEModel.from_pretrained(truncated("old", {"projector.input_mean", "projector.input_std"}),
+                                    base=_fresh_blip2_opt(), audio_encoder=enc)
+    assert torch.equal(old.projector.input_mean, torch.zeros(enc.output_dim))
+    assert torch.equal(old.projector.input_std, torch.ones(enc.output_dim))
+    assert torch.equal(old.fusion.q_proj.weight, model.fusion.q_proj.weight)
+
+
+def test_adapter_records_base_family_and_audio_kind_and_refuses_others(tiny_models, tmp_path):
+    _, vl, enc = tiny_models("tiny-blip2-opt")
+    SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64).save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (config["base_family"], config["audio_kind"]) == ("blip2-opt", "clap")
+    cfg_file = tmp_path / "a" / "adapter_config.json"
+    _, llava, _ = tiny_models("tiny-llava")
+    with pytest.raises(ValueError) as err:
+        SAFEModel.from_pretrained(tmp_path / "a", base=llava, audio_encoder=enc)
+    assert str(err.value) == (f"{cfg_file}: base_family='blip2-opt': the adapter was trained with a blip2-opt base, "
+                              "but the base given is a llava one; load it around the base it was trained with")
+    _, _, whisper = tiny_models("tiny-blip2-opt", "tiny-whisper")
+    with pytest.raises(ValueError, match=r"audio_kind='clap': .* clap audio encoder, but the audio encoder given "
+                                         r"is a whisper one"):
+        SAFEModel.from_pretrained(tmp_path / "a", base=vl, audio_encoder=whisper)
+    # adapters written before the family was recorded are not checked: this one (same widths) would load
+    cfg_file.write_text(json.dumps({k: v for k, v in config.items() if k not in ("base_family", "audio_kind")}))
+    assert SAFEModel.from_pretrained(tmp_path / "a", base=llava, audio_encoder=enc).base is llava
+
+
+def test_base_fingerprint_warns_on_other_weights_of_the_same_family(tiny_models, tmp_path, caplog):
+    from safe_av.models.safe_model import weights_fingerprint
+
+    _, vl, enc = tiny_models("tiny-blip2-opt")
+    model = _trained_adapter(enc, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    plain = SAFEModel(_fresh_blip2_opt(), enc, num_audio_tokens=4, projector_hidden=64)
+    # the base's original weights: the trained language_projection (anchors) and LoRA do not change it
+    assert config["base_fingerprint"] == model.base_fingerprint() == plain.base_fingerprint()
+    assert len(config["base_fingerprint"]) == 16
+    assert config["audio_encoder_fingerprint"] == weights_fingerprint(enc.named_parameters())
+    # a bfloat16 copy of the same weights has the same fingerprint
+    assert weights_fingerprint(_fresh_blip2_opt().to(torch.bfloat16).named_parameters()) == \
+        weights_fingerprint(_fresh_blip2_opt().named_parameters())
+    with caplog.at_level("WARNING", logger="safe_av.models.safe_model"):
+        SAFEModel.from_pretrained(tmp_path / "a", base=_fresh_blip2_opt(), audio_encoder=enc)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    def other_base():
+        other = _fresh_blip2_opt()
+        with torch.no_grad():
+            other.model.language_model.get_input_embeddings().weight[0, 0] += 0.5
+        return other
+
+    assert weights_fingerprint(other_base().named_parameters()) != config["base_fingerprint"]
+    with caplog.at_level("WARNING", logger="safe_av.models.safe_model"):
+        loaded = SAFEModel.from_pretrained(tmp_path / "a", base=other_base(), audio_encoder=enc)  # loads
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert config["base_fingerprint"] in warnings[0] and loaded.base_fingerprint() in warnings[0]
+    assert "adapter_config.json" in warnings[0] and "base" in warnings[0]
+    # without a recorded fingerprint: loads as before, silently
+    caplog.clear()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
+        {k: v for k, v in config.items() if not k.endswith("fingerprint")}))
+    with caplog.at_level("WARNING", logger="safe_av.models.safe_model"):
+        SAFEModel.from_pretrained(tmp_path / "a", base=other_base(), audio_encoder=enc)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -48,6 +48,19 @@ class InputError(ValueError):
     """A bad inference input; the message names the file / line / field."""
 
 
+REQUEST_FIELDS = ("question", "image", "audio")
+"""The fields of an inference request (``safe infer --input`` line, ``SAFE.answer_batch`` item)."""
+
+
+def unknown_fields_error(request: dict, where: str) -> str | None:
+    """The error for a request with fields besides :data:`REQUEST_FIELDS` (a misspelt ``img``/``audo`` would
+    otherwise be dropped silently), or None."""
+    unknown = set(request) - set(REQUEST_FIELDS)
+    if not unknown:
+        return None
+    return f"{where}: unknown field(s) {sorted(unknown)} (known: {', '.join(REQUEST_FIELDS)})"
+
+
 # ================================================================== locating what to load
 
 
@@ -73,6 +86,12 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+CHECKPOINT_META_KEYS = ("base_path", "audio_encoder_path", "base_family", "audio_kind", "base_fingerprint",
+                        "audio_encoder_fingerprint")
+"""What a training checkpoint's ``meta.json`` may record about the base and audio encoder (as ``adapter_config.json``
+does): a run that never finished can be loaded around the same base from any working directory."""
+
+
 def locate_checkpoint(path: str | Path) -> CheckpointFiles:
     """What ``path`` is (run / adapter / training checkpoint) and where its weights and config are."""
     from safe_av.models.safe_model import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -95,7 +114,7 @@ def locate_checkpoint(path: str | Path) -> CheckpointFiles:
         if run_adapter.is_file():
             meta.update(_read_json(run_adapter))
         if (p / "meta.json").is_file():
-            meta.update({k: v for k, v in _read_json(p / "meta.json").items() if k == "base_path"})
+            meta.update({k: v for k, v in _read_json(p / "meta.json").items() if k in CHECKPOINT_META_KEYS})
         return CheckpointFiles("checkpoint", p, cfg, meta)
     if (p / "adapter" / ADAPTER_CONFIG).is_file():  # a finished run
         cfg = p / "config.yaml"
@@ -249,44 +268,68 @@ def _base_unfreeze(cfg: SAFEConfig) -> list[str]:
 
 
 def _load_state(model, path: Path) -> None:
-    """Copy a saved adapter state into ``model`` (unknown names and shape mismatches are errors)."""
+    """Copy a training checkpoint's adapter state into ``model``, strictly (``SAFEModel.load_adapter_state``:
+    unknown names, missing tensors and shape mismatches are errors naming the file; the parameters of a base
+    module no phase had unfrozen yet when the checkpoint was written may be absent)."""
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
-    unknown = sorted(set(state) - set(params))
-    if unknown:
-        raise ValueError(f"{path}: parameters not in the model: {unknown[:5]}")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(params[name].shape)}")
-            params[name].copy_(tensor)
-    model.sync_lora_active()
+    model.load_adapter_state(load_file(str(path)), path, partial_base=True)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` (None: CUDA if available, else CPU), refused with a clear error when this
+    machine / torch build cannot run on it.
+
+    Raises:
+        ValueError: not a device name, or a device that is not available here.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r}: not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available here (torch {torch.__version__}, "
+                             "torch.cuda.is_available() is False); use device='cpu', or None for the default")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device={device!r}: MPS is not available here; use device='cpu', or None for the default")
+    return dev
 
 
 def load_checkpoint(checkpoint: str | Path, cfg: SAFEConfig | None = None, *, device: str | torch.device | None = None,
                     allow_pretrain: bool = False) -> LoadedCheckpoint:
-    """Rebuild a trained SAFE model (see the module docstring) on ``device`` (default: CUDA if available)."""
-    from safe_av.models.build import build_audio_encoder, build_base, build_safe_model
-    from safe_av.models.safe_model import SAFEModel
+    """Rebuild a trained SAFE model (see the module docstring) on ``device`` (default: CUDA if available).
 
+    Raises:
+        FileNotFoundError: nothing loadable at ``checkpoint``, or its base cannot be found.
+        ValueError: ``device`` is not available here; the base / audio encoder is of another family / kind than
+            the adapter records; the weights have unknown or missing tensors or other shapes.
+    """
+    from safe_av.models.build import build_audio_encoder, build_base, build_safe_model
+    from safe_av.models.safe_model import ADAPTER_CONFIG, SAFEModel, check_adapter_family
+
+    device = resolve_device(device)
     files = locate_checkpoint(checkpoint)
+    source = files.weights if files.kind == "checkpoint" else files.weights / ADAPTER_CONFIG
     run_cfg = model_config(files, cfg)
     base_path = resolve_base(run_cfg, files, allow_pretrain=allow_pretrain)
     base = build_base(run_cfg.model, base=base_path)
+    check_adapter_family(files.adapter_config, source, base=base)  # before the encoder and the adapter
     audio_path = resolve_audio_encoder(run_cfg, files, allow_pretrain=allow_pretrain)
     encoder = build_audio_encoder(run_cfg.model, path=audio_path)
+    check_adapter_family(files.adapter_config, source, audio_encoder=encoder)
     if files.kind == "checkpoint":
         # anchors (original weights) for every base module any phase unfroze, taken before loading
         model = build_safe_model(run_cfg.model, base=base, audio_encoder=encoder, unfreeze=_base_unfreeze(run_cfg))
+        model.check_fingerprints(files.adapter_config, source)
         _load_state(model, files.weights / "model.safetensors")
     else:
         model = SAFEModel.from_pretrained(files.weights, base=base, audio_encoder=encoder)
     model.requires_grad_(False)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                          else "cpu")
     model.to(device).eval()
     model.anchors = {k: v.to(device) for k, v in model.anchors.items()}  # a plain dict: .to() does not move it
     processor = SAFEProcessor.from_model(model, max_length=run_cfg.data.max_text_length)
@@ -456,11 +499,11 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
                           max_seconds=cfg.data.max_audio_seconds, feature_cache=cache, **kw)
 
     original = OriginalModel(model)
-    lines: list[dict] = []
+    lines: list[tuple[str, str, dict]] = []
 
     def keep(records, set_name, condition):
-        for r in records:
-            lines.append(dict(set=set_name, condition=condition, **r))
+        # the records themselves: their ``score`` / ``correct`` are set after this (written at the end)
+        lines.extend((set_name, condition, r) for r in records)
         return records
 
     result: dict = {
@@ -520,8 +563,8 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
     result["predictions_file"] = str(pred_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with open(pred_path, "w") as f:
-        for line in lines:
-            f.write(json.dumps(line, default=str) + "\n")
+        for set_name, condition, r in lines:
+            f.write(json.dumps(dict(set=set_name, condition=condition, **r), default=str) + "\n")
     out_path.write_text(json.dumps(json_safe(result), indent=2))
     return result
 
@@ -614,7 +657,11 @@ def _jsonl_requests(path: Path) -> list[tuple[int, dict | None, str | None]]:
             if "question" not in obj:
                 out.append((n, obj, f"{where}: field 'question' is missing"))
                 continue
-            bad = [k for k in ("question", "image", "audio") if k in obj and obj[k] is not None
+            unknown = unknown_fields_error(obj, where)
+            if unknown:
+                out.append((n, obj, unknown))
+                continue
+            bad = [k for k in REQUEST_FIELDS if k in obj and obj[k] is not None
                    and not isinstance(obj[k], str)]
             if bad:
                 out.append((n, obj, f"{where}: field {bad[0]!r} must be a string, got {type(obj[bad[0]]).__name__}"))
@@ -655,7 +702,10 @@ def infer_main(args) -> int:
         print(f"safe infer: error: --input {args.input}: file not found", file=sys.stderr)
         return 2
     max_new = getattr(args, "max_new_tokens", None)
-    model = api.load(args.checkpoint, max_new_tokens=max_new or 16)
+    if max_new is not None and max_new < 1:
+        print(f"safe infer: error: --max-new-tokens {max_new}: must be >= 1", file=sys.stderr)
+        return 2
+    model = api.load(args.checkpoint, max_new_tokens=max_new if max_new is not None else 16)
     if args.question is not None:
         try:
             print(model.answer(args.question, image=args.image, audio=args.audio))
@@ -696,4 +746,5 @@ def infer_main(args) -> int:
 
 
 __all__ = ["evaluate_checkpoint", "infer_main", "load_checkpoint", "locate_checkpoint", "resolve_base",
-           "OriginalModel", "MemoryFeatureCache", "caption_retrieval", "InputError", "LoadedCheckpoint", "CheckpointFiles"]
+           "resolve_device", "OriginalModel", "MemoryFeatureCache", "caption_retrieval", "InputError",
+           "LoadedCheckpoint", "CheckpointFiles", "REQUEST_FIELDS", "unknown_fields_error"]

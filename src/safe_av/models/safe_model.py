@@ -4,13 +4,16 @@ Per sample the language-model input is ``[visual tokens][audio tokens][text toke
 tokenizer carries ``<image>`` and ``<audio>`` placeholders (expanded to V and K copies by
 :class:`safe_av.data.text.SAFEProcessor`); this module fills them with visual tokens from the
 base model's own vision path and with projected (and fused) audio tokens. A sample without
-audio has no ``<audio>`` placeholders, so its input is exactly the base model's own.
+audio has no ``<audio>`` placeholders, so its input is exactly the base model's own - and so is its answer
+while nothing inside the base trains (phases with LoRA or an unfrozen base module change it; ``OriginalModel`` /
+``original_weights`` give the base's own answers then).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,8 @@ from safe_av.models.base_vl import BaseVL
 from safe_av.models.fusion import FusionLayer, fold_context_norm
 from safe_av.models.presets import AUDIO_TOKEN
 from safe_av.models.projector import AudioProjector
+
+log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -458,36 +463,141 @@ class SAFEModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a SAFE adapter is: projector, fusion, LoRA and any unfrozen base parameters."""
+    def adapter_keys(self) -> tuple[list[str], list[str]]:
+        """(parameter names, buffer names) of what a SAFE adapter is: projector, fusion, LoRA and any unfrozen
+        base parameters, plus the projector's buffers (its input statistics)."""
         keep = {n for n in self.trainable_parameters()}
         keep |= {n for n, _ in self.named_parameters() if n.startswith(("projector.", "fusion.")) or "lora_" in n}
         keep |= set(self.anchors)  # unfrozen base parameters (their current values)
-        params = dict(self.named_parameters())
-        state = {n: params[n].detach().contiguous().cpu() for n in sorted(keep)}
-        state.update({n: b.detach().contiguous().cpu() for n, b in self.named_buffers() if n.startswith("projector.")})
+        return sorted(keep), [n for n, _ in self.named_buffers() if n.startswith("projector.")]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a SAFE adapter is (:meth:`adapter_keys`), on CPU."""
+        names, buffers = self.adapter_keys()
+        params, bufs = dict(self.named_parameters()), dict(self.named_buffers())
+        state = {n: params[n].detach().contiguous().cpu() for n in names}
+        state.update({n: bufs[n].detach().contiguous().cpu() for n in buffers})
         return state
 
+    def adapter_identity(self) -> dict:
+        """What the adapter was trained around, recorded in ``adapter_config.json``: the base's family, the audio
+        encoder's kind and a fingerprint of each one's original weights (:func:`weights_fingerprint`; None when
+        the weights cannot be read, e.g. offloaded to the meta device)."""
+        return dict(base_family=self.base.family_name, audio_kind=self.audio_encoder.kind,
+                    base_fingerprint=self.base_fingerprint(),
+                    audio_encoder_fingerprint=weights_fingerprint(self.audio_encoder.named_parameters()))
+
+    def base_fingerprint(self) -> str | None:
+        """:func:`weights_fingerprint` of the base's *original* weights: unfrozen parameters count with their
+        anchor (θ*), LoRA's parameters are left out and peft's ``.base_layer`` is dropped from the names, so the
+        value names the base checkpoint whatever was trained on top of it."""
+        named = []
+        for name, p in self.base.named_parameters():
+            if "lora_" in name:
+                continue
+            named.append((name.replace(".base_layer", ""), self.anchors.get(f"base.{name}", p)))
+        return weights_fingerprint(named)
+
+    def check_fingerprints(self, recorded: dict, source: str | Path) -> None:
+        """Log a warning when ``recorded`` (an adapter's config) holds a base / audio encoder fingerprint that
+        differs from this model's: the same family, but other weights than the adapter was trained with. Not an
+        error (a re-saved or re-quantised copy of the same base may differ); nothing happens without one."""
+        for key, what, compute in (("base_fingerprint", "base", self.base_fingerprint),
+                                   ("audio_encoder_fingerprint", "audio encoder",
+                                    lambda: weights_fingerprint(self.audio_encoder.named_parameters()))):
+            want = recorded.get(key)
+            if not want:
+                continue
+            found = compute()
+            if found is not None and found != want:
+                log.warning("%s: %s=%s, but the %s loaded has %s: the same family, but other weights than the "
+                            "adapter was trained with; answers may be poor. Load it around the %s it was trained with",
+                            source, key, want, what, found, what)
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor], source: str | Path, *,
+                           partial_base: bool = False) -> None:
+        """Copy a saved adapter state (:meth:`adapter_state_dict`) into this model, strictly.
+
+        Every tensor :meth:`adapter_state_dict` writes for this architecture (fusion or not, its LoRA set-up and
+        unfrozen base modules) must be there, with this model's shape, and nothing else. Allowed to be absent:
+
+        - ``fusion.norm_visual.*``: adapters saved while the fusion's context norm had a gain and bias hold them,
+          and they are folded into ``fusion.kv_proj`` (:func:`fold_context_norm`); they are never expected;
+        - the projector's input statistics (buffers) when the file has *none* of them: adapters written before
+          they were saved, trained without them; they stay the identity (mean 0, std 1);
+        - with ``partial_base`` (a training checkpoint): the parameters of an unfrozen base module the run had
+          not unfrozen yet when it wrote the checkpoint (the base's own weights are then the right ones); a
+          module's parameters are all there or all absent.
+
+        Raises:
+            ValueError: naming ``source``: names not in the model, missing tensors, or shape mismatches. Nothing
+                is copied then.
+        """
+        state = dict(state)
+        fold_context_norm(state)  # adapters saved while the fusion's context norm had its own gain and bias
+        params = dict(self.named_parameters()) | dict(self.named_buffers())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(f"{source}: parameters not in the model: {unknown[:5]}")
+        names, buffers = self.adapter_keys()
+        expected = set(names)
+        if any(b in state for b in buffers):
+            expected |= set(buffers)
+        if partial_base:
+            for name in self.unfrozen_ever:
+                prefix = self._qualified(self._base_module(name)) + "."
+                group = {k for k in self.anchors if k.startswith(prefix)}
+                if not group & set(state):
+                    expected -= group
+        missing = sorted(expected - set(state))
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ValueError(f"{source}: {len(missing)} adapter tensor(s) missing: {missing[:5]}{more} (an "
+                             "incomplete file, or one saved for another architecture, LoRA or unfreeze set-up)")
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                 f"{tuple(params[name].shape)}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+        self.sync_lora_active()
+
     def save_pretrained(self, path: str | Path, *, extra_config: dict | None = None) -> None:
-        """Write ``adapter.safetensors`` + ``adapter_config.json`` (no pickle)."""
+        """Write ``adapter.safetensors`` + ``adapter_config.json`` (no pickle).
+
+        The config holds the architecture, ``unfreeze`` and ``lora``, and :meth:`adapter_identity` (base family,
+        audio encoder kind, weight fingerprints), which :meth:`from_pretrained` checks.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file(self.adapter_state_dict(), str(path / ADAPTER_WEIGHTS))
         config = dict(self._arch, unfreeze=self.unfrozen_ever, audio_token=AUDIO_TOKEN,
                       lora=self.lora_config.to_dict() if self.lora_config is not None else None,
-                      base_family=self.base.family_name, audio_kind=self.audio_encoder.kind)
+                      **self.adapter_identity())
         config.update(extra_config or {})
         (path / ADAPTER_CONFIG).write_text(json.dumps(_jsonable(config), indent=2))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, base: BaseVL, audio_encoder: AudioEncoder) -> "SAFEModel":
-        """Rebuild the adapter around ``base``/``audio_encoder`` and load its weights (strict)."""
+        """Rebuild the adapter around ``base``/``audio_encoder`` and load its weights (strict).
+
+        Raises:
+            FileNotFoundError: ``adapter_config.json`` or ``adapter.safetensors`` is missing.
+            ValueError: ``base``/``audio_encoder`` is of another family/kind than the adapter records
+                (checked first), or the weights file has unknown or missing tensors or other shapes
+                (:meth:`load_adapter_state`).
+
+        A recorded base / audio encoder weight fingerprint that differs from the given one's is logged as a
+        warning (:meth:`check_fingerprints`).
+        """
         path = Path(path)
         cfg_file, w_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
         for f in (cfg_file, w_file):
             if not f.is_file():
                 raise FileNotFoundError(f"SAFE adapter file not found: {f}")
         cfg = json.loads(cfg_file.read_text())
+        check_adapter_family(cfg, cfg_file, base=base, audio_encoder=audio_encoder)
         lora = None
         if cfg.get("lora"):
             from peft import LoraConfig
@@ -498,20 +608,50 @@ class SAFEModel(nn.Module):
                                     "fusion_heads", "fusion_ffn_mult", "fusion_dropout", "fusion_text",
                                     "fusion_gate_scale", "audio_position") if k in cfg}
         model = cls(base, audio_encoder, **arch, unfreeze=cfg.get("unfreeze", []), lora=lora)
-        state = load_file(str(w_file))
-        fold_context_norm(state)  # adapters saved while the fusion's context norm had its own gain and bias
-        params = dict(model.named_parameters()) | dict(model.named_buffers())
-        unknown = sorted(set(state) - set(params))
-        if unknown:
-            raise ValueError(f"{w_file}: parameters not in the model: {unknown[:5]}")
-        for name, tensor in state.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{w_file}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(tensor)
-        model.sync_lora_active()
+        model.check_fingerprints(cfg, cfg_file)
+        model.load_adapter_state(load_file(str(w_file)), w_file)
         return model
+
+
+FINGERPRINT_ELEMENTS = 256
+"""Leading elements of each tensor a weight fingerprint reads."""
+
+
+def weights_fingerprint(named, *, elements: int = FINGERPRINT_ELEMENTS) -> str | None:
+    """A cheap fingerprint of a model's weights: sha256 over the sorted (name, shape, first ``elements`` values)
+    of each ``(name, tensor)`` in ``named``, the values rounded to bfloat16 precision, so float32 and bfloat16
+    copies of the same weights agree (float16 ones may not). Reads ``elements`` values a tensor: milliseconds
+    for a 7B model. None when a tensor is not materialised (the meta device)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(named, key=lambda item: item[0]):
+        if t.is_meta:
+            return None
+        head = t.detach().reshape(-1)[:elements].to(torch.float32).to(torch.bfloat16).to("cpu", torch.float32)
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(head.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_adapter_family(recorded: dict, source: str | Path, *, base: BaseVL | None = None,
+                         audio_encoder: AudioEncoder | None = None) -> None:
+    """Refuse a base / audio encoder of another family / kind than the adapter was trained with (``base_family``
+    / ``audio_kind`` in its config; nothing is checked where the config has none).
+
+    Raises:
+        ValueError: naming ``source``, the recorded and the found family / kind.
+    """
+    checks = []
+    if base is not None:
+        checks.append(("base_family", "base", base.family_name))
+    if audio_encoder is not None:
+        checks.append(("audio_kind", "audio encoder", audio_encoder.kind))
+    for key, what, found in checks:
+        want = recorded.get(key)
+        if want and want != found:
+            raise ValueError(f"{source}: {key}={want!r}: the adapter was trained with a {want} {what}, but the "
+                             f"{what} given is a {found} one; load it around the {what} it was trained with")
 
 
 def _pack(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,8 @@ Layout of ``run_dir/checkpoints/step-0000120/``::
     train_state.json (+ .safetensors)     curriculum state, sampler position, counters …
     rng.json + rng.safetensors            python / numpy / torch CPU (+ CUDA) RNG states
     config.yaml                           the resolved config
-    meta.json                             step, metric, versions
+    meta.json                             step, metric, versions, and what the caller adds (``meta``:
+                                          the trainer's base_path / audio_encoder_path, as adapter_config.json)
     COMPLETE                              written last
 
 Protocol: everything is written (and fsynced) into ``.tmp-step-0000120``, the folder is
@@ -286,6 +287,7 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: int = 3,
     best_metric: Metric | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically and rotate old ones (main process only).
 
@@ -304,6 +306,11 @@ def save_checkpoint(
         config_yaml: the resolved config, saved as ``config.yaml``.
         keep_last: complete checkpoints to keep (the best is kept in addition).
         best_metric: ``(name, value, "max"|"min")`` of this checkpoint, for best-keeping.
+        meta: JSON-able entries added to ``meta.json``: what loading the checkpoint needs besides the
+            weights, e.g. ``base_path`` / ``audio_encoder_path`` (the same values the final
+            ``adapter_config.json`` records), so a run that never finished loads around the same base
+            from any working directory. Its keys may not be the ones written here (``format``, ``step``,
+            ``metric``, ``time``, ``torch``).
 
     Returns:
         The final checkpoint folder.
@@ -312,6 +319,13 @@ def save_checkpoint(
         ValueError: bad arguments or a state value that cannot be saved (naming its key).
     """
     _check_save_args(step, keep_last, best_metric)
+    clash = sorted(set(meta or {}) & {"format", "step", "metric", "time", "torch"})
+    if clash:
+        raise ValueError(f"save_checkpoint: meta may not set {clash} (written by save_checkpoint itself)")
+    try:
+        json.dumps(meta or {})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"save_checkpoint: meta is not JSON-able ({err})") from None
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
@@ -335,9 +349,9 @@ def save_checkpoint(
             _write_state(tmp, f"rng_rank{i}", state)
     _write_bytes(tmp / "config.yaml", config_yaml.encode())
     metric = None if best_metric is None else dict(zip(("name", "value", "mode"), best_metric))
-    meta = {"format": FORMAT, "step": step, "metric": metric, "time": time.time(),
-            "torch": torch.__version__}
-    _write_bytes(tmp / "meta.json", json.dumps(meta).encode())
+    record = {"format": FORMAT, "step": step, "metric": metric, "time": time.time(),
+              "torch": torch.__version__}
+    _write_bytes(tmp / "meta.json", json.dumps({**record, **(meta or {})}).encode())
     _fsync_dir(tmp)
     _publish(tmp, final)
     _write_bytes(final / COMPLETE, b"")

@@ -664,7 +664,18 @@ class Trainer:
         ckpt.save_checkpoint(self.out, st.global_step, model_state=self.model.adapter_state_dict(), optimizer=optim,
                              scheduler=sched, scaler_state=scaler, train_state=asdict(st), rank_rng=rank_rng,
                              config_yaml=config_to_yaml(self.cfg), keep_last=self.cfg.train.keep_last,
-                             best_metric=self._best_metric())
+                             best_metric=self._best_metric(), meta=self._checkpoint_meta())
+
+    def _checkpoint_meta(self) -> dict:
+        """What loading a checkpoint needs besides its tensors, as the final adapter records it: where the base
+        and audio encoder are, their family/kind and weight fingerprints (computed once: the originals do not
+        change)."""
+        if getattr(self, "_meta", None) is None:
+            self._meta = {
+                "base_path": str(Path(self.base_path).resolve()) if self.base_path else None,
+                "audio_encoder_path": str(Path(self.audio_path).resolve()) if self.audio_path else None,
+                **self.model.adapter_identity()}
+        return self._meta
 
     def _best_metric(self):
         """``(name, value, "max")`` of ``train.best_metric`` from the latest evaluation, if it measured it."""
@@ -806,8 +817,22 @@ def compute_fisher(trainer: Trainer, params: dict) -> dict:
     dataset = SAFEDataset(vl, sampling_rate=trainer.processor.sampling_rate, seed=cfg.train.seed)
     stream = BatchStream(dataset, trainer.processor.collate, batch_size=8, dataset_weights=None, seed=cfg.train.seed)
     stream.configure(0.0, None)
-    batches = (move_batch(stream.next(), trainer.acc.device) for _ in range(cfg.loss.fisher_batches))
-    return estimate_fisher(lambda b: trainer.model(**b).loss, params, batches, max_batches=cfg.loss.fisher_batches)
+
+    def batches():  # batches none of whose images loaded are passed over (their skips are logged); a bounded number
+        empty = 0
+        for _ in range(cfg.loss.fisher_batches):
+            batch = stream.next()
+            while batch.get("empty"):
+                empty += 1
+                if empty >= EMPTY_STEPS_LIMIT:
+                    raise DataUnreadableError(
+                        f"Fisher: {empty} batches of VL training samples in a row had no loadable image "
+                        f"(datasets {sorted({s.dataset for s in vl})} under {cfg.data.root}); the warnings above "
+                        f"name the files, `safe data validate` lists them all")
+                batch = stream.next()
+            yield move_batch(batch, trainer.acc.device)
+
+    return estimate_fisher(lambda b: trainer.model(**b).loss, params, batches(), max_batches=cfg.loss.fisher_batches)
 
 
 def _select_rows(batch: dict, rows: torch.Tensor) -> dict:
