@@ -45,6 +45,10 @@ def cmd_eval(args) -> int:
     cfg = _config(args)
     result = evaluate_checkpoint(cfg, args.checkpoint, split=args.split, output=args.output)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
+    if not sum(result["n_evaluated"].values()):  # sets were found, but not one sample's files could be read
+        print(f"safe eval: error: none of the {sum(result['n_samples'].values())} samples could be loaded (see the "
+              f"skipped-sample warnings; `safe data validate` lists the files)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -293,23 +293,25 @@ def test_infer_jsonl_reports_bad_lines_and_goes_on(run, media, tmp_path, capsys,
         json.dumps({"image": str(corrupt), "question": "What colour?"}),
         "{not json",
         "",
+        '{"question": "caf\udce9"}',  # a latin-1 byte: that line fails, the others are answered
     ]
     src = tmp_path / "in.jsonl"
-    src.write_text("\n".join(lines) + "\n")
+    src.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
     out = tmp_path / "out" / "answers.jsonl"
     rc = cli(["infer", "--checkpoint", str(run), "--input", str(src), "--output", str(out), "--max-new-tokens", "4"])
     err = capsys.readouterr().err
     assert rc == 1
     records = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert [("answer" in r) for r in records] == [True, True, True, False, False, False, False, False]
+    assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 8, 10]
+    assert [("answer" in r) for r in records] == [True, True, True, False, False, False, False, False, False]
     errors = {r["line"]: r["error"] for r in records if "error" in r}
     assert errors[4].startswith(f"{src}:4:") and "JSON object" in errors[4]
     assert errors[5].startswith(f"{src}:5:") and "'question' is missing" in errors[5]
     assert errors[6].startswith(f"{src}:6:") and "'audio'" in errors[6] and "missing.wav" in errors[6]
     assert errors[7].startswith(f"{src}:7:") and "'image'" in errors[7] and "corrupt" in errors[7]
     assert errors[8].startswith(f"{src}:8:") and "not valid JSON" in errors[8]
-    assert "answered 3 of 8 lines, 5 failed" in err
+    assert errors[10] == f"{src}:10: not UTF-8 (byte 0xe9 at column 18)"
+    assert "answered 3 of 9 lines, 6 failed" in err
     assert records[0]["answer"] == loaded.answer("How many instruments are sounding?", image=image, audio=audio)
     assert records[1]["answer"] == loaded.answer("What is on the left?", image=image)
     assert records[2]["audio"] == "clip.wav"  # echoed as written, though read from the JSONL's folder
@@ -375,3 +377,65 @@ def test_likelihood_retrieval(run, corpus):
     assert out["text_to_audio"]["R@5"] == 1.0  # 3 clips: every one is in the top 5
     assert out["chance"]["text_to_audio"]["R@1"] == pytest.approx(1 / 3)
     assert "skipped" in caption_retrieval(model.model, model.processor, clips[:1])
+
+
+def _damaged_copy(corpus, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(corpus, root)
+    return root
+
+
+def test_safe_eval_scores_every_condition_on_the_questions_that_loaded(run, corpus, tmp_path, capsys):
+    """One MUSIC-AVQA clip unreadable and one annotation malformed: the clip's questions are skipped and counted,
+    and the audio-removed / shuffled / original conditions and the baselines use exactly the questions that
+    loaded (the shuffled condition used to rotate the bad file in and score another set)."""
+    from safe_av.data.formats import read
+
+    root = _damaged_copy(corpus, tmp_path)
+    samples = read("musicavqa", root / "musicavqa", "train").samples
+    bad_clip = samples[0].audio
+    Path(bad_clip).write_bytes(b"junk")
+    ann = root / "musicavqa" / "json" / "avqa-train.json"
+    entries = json.loads(ann.read_text())
+    entries[-1]["anser"] = None
+    ann.write_text(json.dumps(entries))
+    out = tmp_path / "m.json"
+    rc = cli(["eval", "--config", str(run / "config.yaml"), "--checkpoint", str(run), "--output", str(out),
+              "--split", "train", "--set", f"data.root={root}", "data.caption_dataset=null"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    n_bad = sum(s.audio == bad_clip for s in samples)
+    assert n_bad > 0 and result["bad_annotations"] == 1
+    assert result["n_samples"]["avqa"] == len(samples) - 1
+    assert result["n_evaluated"]["avqa"] == len(samples) - 1 - n_bad
+    assert result["skipped_samples"] == n_bad + result["n_samples"]["vqa"] - result["n_evaluated"]["vqa"]
+    preds = read_predictions(result["predictions_file"])
+    ids = {c: set(p) for (s, c), p in preds.items() if s == "avqa"}
+    assert ids["safe"] == ids["audio_removed"] == ids["audio_shuffled"] == ids["original"]
+    assert len(ids["safe"]) == result["n_evaluated"]["avqa"]
+
+
+def test_safe_eval_without_any_evaluation_data_is_an_error(run, tmp_path, capsys):
+    rc = cli(["eval", "--config", str(run / "config.yaml"), "--checkpoint", str(run), "--output",
+              str(tmp_path / "m.json"), "--split", "vall"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nothing to evaluate in split 'vall'" in err and "musicavqa" in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_safe_eval_where_no_sample_loads_exits_1(run, corpus, tmp_path, capsys):
+    from safe_av.data.formats import read
+
+    root = _damaged_copy(corpus, tmp_path)
+    for name in ("musicavqa", "vqav2"):
+        for s in read(name, root / name, "val").samples:
+            for f in (s.audio, s.image):
+                if f and Path(f).is_file():
+                    Path(f).write_bytes(b"junk")
+    rc = cli(["eval", "--config", str(run / "config.yaml"), "--checkpoint", str(run), "--output",
+              str(tmp_path / "m.json"), "--set", f"data.root={root}", "data.caption_dataset=null"])
+    assert rc == 1
+    assert "none of the" in capsys.readouterr().err
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["n_evaluated"] == {"vqa": 0, "avqa": 0} and result["avqa_accuracy"] is None

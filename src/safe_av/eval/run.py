@@ -390,7 +390,7 @@ class OriginalModel:
 # ================================================================== evaluation
 
 
-def _read_split(cfg: SAFEConfig, name: str, split: str, missing: dict) -> list[Sample]:
+def _read_split(cfg: SAFEConfig, name: str, split: str, missing: dict, bad: list | None = None) -> list[Sample]:
     from safe_av.data.formats import read as read_format
 
     root = Path(cfg.data.root) / name
@@ -402,8 +402,10 @@ def _read_split(cfg: SAFEConfig, name: str, split: str, missing: dict) -> list[S
     except FileNotFoundError as err:
         missing[name] = str(err)
         return []
-    for bad in result.bad:
-        log.warning("skipped annotation: %s", bad)
+    for entry in result.bad:
+        log.warning("skipped annotation: %s", entry)
+    if bad is not None:
+        bad.extend(result.bad)
     samples = result.samples
     if cfg.eval.max_samples is not None:
         samples = samples[: cfg.eval.max_samples]
@@ -488,9 +490,14 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
     loaded = load_checkpoint(checkpoint, cfg, allow_pretrain=True)
     model, processor = loaded.model, loaded.processor
     missing: dict[str, str] = {}
-    vqa = _read_split(cfg, cfg.data.vqa_dataset, split, missing)
-    avqa = _read_split(cfg, cfg.data.avqa_dataset, split, missing)
-    caps = _read_split(cfg, cfg.data.caption_dataset, split, missing) if cfg.data.caption_dataset else []
+    bad: list = []
+    vqa = _read_split(cfg, cfg.data.vqa_dataset, split, missing, bad)
+    avqa = _read_split(cfg, cfg.data.avqa_dataset, split, missing, bad)
+    caps = _read_split(cfg, cfg.data.caption_dataset, split, missing, bad) if cfg.data.caption_dataset else []
+    if not (vqa or avqa or caps):
+        raise NoEvaluationData(f"nothing to evaluate in split {split!r} under {cfg.data.root}: "
+                               + "; ".join(f"{k}: {v}" for k, v in missing.items())
+                               + (f"; {len(bad)} annotation entries rejected (see the warnings)" if bad else ""))
     cache = _feature_cache(cfg, model, [s.audio for s in avqa + caps if s.audio])
 
     def run(samples, target=model, **kw):
@@ -511,7 +518,7 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
         "run_config": str(loaded.files.config) if loaded.files.config else None,
         "base": loaded.cfg.model.base, "base_path": loaded.base_path, "audio_encoder": loaded.cfg.model.audio_encoder,
         "audio_encoder_path": loaded.audio_encoder_path, "split": split, "data_root": cfg.data.root, "missing_datasets": missing,
-        "n_samples": {"vqa": len(vqa), "avqa": len(avqa), "caption": len(caps)},
+        "n_samples": {"vqa": len(vqa), "avqa": len(avqa), "caption": len(caps)}, "bad_annotations": len(bad),
     }
     evaluated = {}
     if vqa:
@@ -522,11 +529,13 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
         safe_acc, orig_acc = ev.score_vqa(safe_recs), ev.score_vqa(orig_recs)
         evaluated["vqa"] = len(safe_recs)
         result.update(original_vqa_accuracy=orig_acc, safe_vqa_accuracy=safe_acc,
-                      vl_retention=safe_acc / orig_acc if orig_acc else None,
-                      feature_similarity=ev.feature_similarity(model, processor, vqa[:64],
+                      vl_retention=safe_acc / orig_acc if (orig_acc and safe_acc is not None) else None,
+                      feature_similarity=ev.feature_similarity(model, processor, ev.loaded(vqa, safe_recs)[:64],
                                                                batch_size=cfg.eval.batch_size))
     if avqa:
-        full = ev.score_avqa(keep(run(avqa), "avqa", "safe"))
+        recs = keep(run(avqa), "avqa", "safe")
+        full = ev.score_avqa(recs)
+        avqa = ev.loaded(avqa, recs)  # every other condition and baseline on the questions whose files loaded
         masked = ev.score_avqa(keep(run(avqa, use_audio=False), "avqa", "audio_removed"))
         shuffled = ev.score_avqa(keep(run(avqa, shuffle_audio=True), "avqa", "audio_shuffled"))
         orig = ev.score_avqa(keep(run(avqa, target=original), "avqa", "original"))
@@ -538,7 +547,7 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
         result.update(_avqa_block("audio_shuffled_", shuffled))
         result.update(_avqa_block("original_", orig))
         train_avqa = _read_split(_uncapped(cfg), cfg.data.avqa_dataset, "train", {})
-        base = ev.chance_accuracy(train_avqa, avqa) if train_avqa else {}
+        base = ev.chance_accuracy(train_avqa, avqa) if (train_avqa and avqa) else {}
         result.update(avqa_chance_accuracy=base.get("chance"), avqa_majority_accuracy=base.get("majority"),
                       audio_dependent_chance_accuracy=base.get("audio_dependent_chance"),
                       audio_dependent_majority_accuracy=base.get("audio_dependent_majority"))
@@ -557,8 +566,7 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
         result["retrieval"] = caption_retrieval(model, processor, caps, max_seconds=cfg.data.max_audio_seconds,
                                                 batch_size=cfg.eval.batch_size, feature_cache=cache)
     result["n_evaluated"] = evaluated
-    result["skipped_samples"] = (len(vqa) - evaluated.get("vqa", 0)) + (len(avqa) - evaluated.get("avqa", 0)) + \
-        (len(caps) - evaluated.get("caption", 0))
+    result["skipped_samples"] = sum(result["n_samples"][k] - evaluated.get(k, 0) for k in result["n_samples"])
     pred_path = _predictions_path(out_path)
     result["predictions_file"] = str(pred_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -567,6 +575,10 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
             f.write(json.dumps(dict(set=set_name, condition=condition, **r), default=str) + "\n")
     out_path.write_text(json.dumps(json_safe(result), indent=2))
     return result
+
+
+class NoEvaluationData(FileNotFoundError):
+    """``safe eval`` found no annotations of the split for any of its evaluation sets."""
 
 
 def _uncapped(cfg: SAFEConfig) -> SAFEConfig:
@@ -641,11 +653,16 @@ def _feature_cache(cfg: SAFEConfig, model, paths: list[str]):
 def _jsonl_requests(path: Path) -> list[tuple[int, dict | None, str | None]]:
     """(line number, request or None, error or None) per non-blank line of a JSONL file."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded line by line: one bad byte costs its line, not the file
+        for n, data in enumerate(f, start=1):
+            where = f"{path}:{n}"
+            try:
+                raw = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                out.append((n, None, f"{where}: not UTF-8 (byte {data[err.start]:#04x} at column {err.start + 1})"))
+                continue
             if not raw.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as err:
