@@ -7,7 +7,10 @@ step and the final trainable weights) and, with ``perturb``, makes rank 1 disagr
 - some of rank 1's batches lose their audio (``use_audio=False``): the projector and fusion get no
   gradient there, which must neither hang DDP nor let the ranks' weights drift apart;
 - rank 1's own curriculum never decides to advance: the stage must still change on both ranks at
-  the same step (rank 0 decides, the others follow).
+  the same step (rank 0 decides, the others follow);
+- at steps 3 and 6 rank 1's second (last, gradient-synchronising) micro-batch comes out empty, as when none
+  of its samples loads: every rank must skip it and all-reduce on the first one instead, or the ranks
+  would step on different gradients.
 
 With ``stop_after`` the first attempt ends right after that step's checkpoint (as a crash would);
 ``torchrun --max-restarts 1`` then starts both workers again and the Trainer resumes by itself
@@ -45,7 +48,7 @@ from safe_av.training import curriculum, loop
 
 dump, opts, argv = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3:]
 rank, restart = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-trace = {"stages": [], "no_audio_steps": [], "resumed_from": None}
+trace = {"stages": [], "no_audio_steps": [], "resumed_from": None, "emptied_steps": []}
 
 if opts.get("perturb") and rank == 1:
     curriculum.Curriculum._advance_reason = lambda self, step: None  # rank 1 alone would never advance
@@ -56,6 +59,27 @@ def __init__(self, *a, **kw):
     if opts.get("stop_after") and restart == 0:
         self.stop_after = opts["stop_after"]
 loop.Trainer.__init__ = __init__
+
+_ostep, micro = loop.Trainer._optimizer_step, {"i": None, "step": None}
+def _optimizer_step(self, *a, **kw):
+    micro["i"], micro["step"] = 0, self.state.global_step + 1
+    try:
+        return _ostep(self, *a, **kw)
+    finally:
+        micro["i"] = None
+loop.Trainer._optimizer_step = _optimizer_step
+
+_next = loop.BatchStream.next
+def next_(self):
+    batch = _next(self)
+    if micro["i"] is not None:
+        micro["i"] += 1
+        if opts.get("perturb") and rank == 1 and micro["i"] == 2 and micro["step"] in (3, 6):
+            trace["emptied_steps"].append(micro["step"])
+            return {"empty": True, "skipped": int(batch.get("skipped", 0)) + len(batch.get("meta", [])),
+                    "audio_truncated": 0}
+    return batch
+loop.BatchStream.next = next_
 
 _compute_loss = loop.Trainer.compute_loss
 def compute_loss(self, model, batch, w):
@@ -162,6 +186,8 @@ def test_two_processes_train_in_lockstep(ddp_setup):
     assert r0["steps"] == r1["steps"] == 9
     # rank 1 had batches without any audio in phases 1-2 (projector/fusion unused there) and DDP coped
     assert r1["no_audio_steps"] and not r0["no_audio_steps"]
+    # rank 1's last micro-batch of steps 3 and 6 was empty: both ranks skipped it and stayed together
+    assert r1["emptied_steps"] == [3, 6] and r0["emptied_steps"] == []
     # trainable weights bit-identical on both ranks, and the whole model too
     a, b = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("projector") for k in a)
@@ -174,6 +200,7 @@ def test_two_processes_train_in_lockstep(ddp_setup):
     # rank 0 wrote the run's files; the weights it saved are the ones both ranks hold
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 9
+    assert metrics["skipped_samples"] == 4  # rank 1's two emptied micro-batches of 2: counted over all ranks
     assert list(metrics["curriculum_stages"]) == ["foundation", "development", "advanced", "mastery"]
     saved = load_file(str(run / "adapter" / "adapter.safetensors"))
     for k, v in saved.items():

@@ -486,25 +486,24 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         n_samples, n_tokens = 0, 0
         finite_t = torch.ones((), dtype=torch.bool, device=self.acc.device)
-        for micro in range(accum):
-            batch = stream.next()
-            st.skipped_samples += int(batch.get("skipped", 0))
-            st.truncated_audio += int(batch.get("audio_truncated", 0))
-            if self._any_rank_empty(bool(batch.get("empty"))):
-                # every rank skips this micro-batch together: a rank without a backward would leave the
-                # others waiting in the gradient all-reduce
-                continue
+        micro_batches = [stream.next() for _ in range(accum)]
+        # A micro-batch empty on any rank (none of its samples loaded) is skipped on every rank, and the gradients
+        # are all-reduced on the last one that is left: a rank without that backward would leave the others
+        # waiting, and one whose synchronising micro-batch was skipped would step on its own gradient.
+        empty = self._data_counts(micro_batches)
+        live = [b for b, e in zip(micro_batches, empty) if not e]
+        for i, batch in enumerate(live):
             n_samples += batch["input_ids"].shape[0]
             n_tokens += int(batch["attention_mask"].sum())  # on the host, before the move
             batch = move_batch(batch, self.acc.device)
-            sync = micro == accum - 1 or self.acc.num_processes == 1
+            sync = i == len(live) - 1 or self.acc.num_processes == 1
             ctx = self.acc.no_sync(model) if not sync else _null()
             with ctx, self.acc.autocast():
                 loss, parts = self.compute_loss(model, batch, w)
             finite_t = finite_t & torch.isfinite(loss.detach())
-            self.acc.backward(loss / accum)
+            self.acc.backward(loss / len(live))
             for k, v in [*((f"loss/{k}", v) for k, v in parts.items()), ("loss/total", loss)]:
-                v = v.detach().float() / accum
+                v = v.detach().float() / len(live)
                 sums[k] = sums[k] + v if k in sums else v
         if not sums:  # no micro-batch had a loadable sample: nothing to learn from
             return self._skip_empty_step(optim, sched)
@@ -537,12 +536,18 @@ class Trainer:
         totals["_samples"], totals["_tokens"] = n_samples, n_tokens
         return totals
 
-    def _any_rank_empty(self, empty: bool) -> bool:
-        """Whether this micro-batch is empty on any rank (one small gather with several processes)."""
-        if self.acc.num_processes == 1:
-            return empty
-        flag = torch.tensor([float(empty)], device=self.acc.device)
-        return bool(self.acc.gather(flag).max() > 0)
+    def _data_counts(self, micro_batches: list[dict]) -> list[bool]:
+        """Per micro-batch, whether it is empty on this rank or any other; adds the step's skipped samples and
+        truncated clips of all ranks to the state (one small all-reduce with several processes, so every rank
+        holds the same counts and any rank's checkpoint state is the run's)."""
+        values = [float(bool(b.get("empty"))) for b in micro_batches]
+        values += [float(sum(int(b.get("skipped", 0)) for b in micro_batches)),
+                   float(sum(int(b.get("audio_truncated", 0)) for b in micro_batches))]
+        if self.acc.num_processes > 1:
+            values = self.acc.reduce(torch.tensor(values, device=self.acc.device), reduction="sum").tolist()
+        self.state.skipped_samples += int(values[-2])
+        self.state.truncated_audio += int(values[-1])
+        return [v > 0 for v in values[:-2]]
 
     def _skip_empty_step(self, optim, sched) -> None:
         """An optimizer step none of whose micro-batches had a loadable sample: skipped and counted as such; a
