@@ -142,3 +142,15 @@ def test_a_config_that_is_not_utf8_names_file_and_byte(tmp_path):
     p.write_bytes(b"data:\n  root: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at offset 17\)"):
         load_config(p)
+
+
+def test_yaml_anchors_and_merge_keys_still_load(tmp_path):
+    p = tmp_path / "anchors.yaml"
+    p.write_text("train:\n  phases:\n    - &p {name: a, train: [projector], lr: {projector: 1.0e-3}, datasets: {audiocaps: 1.0},"
+                 " max_steps: 2}\n    - {<<: *p, name: b, max_steps: 5}\n")
+    cfg = load_config(p)
+    assert [(q.name, q.max_steps, q.lr) for q in cfg.train.phases] == [("a", 2, {"projector": 1e-3}),
+                                                                         ("b", 5, {"projector": 1e-3})]
+    p.write_text("data:\n  ? [1, 2]\n  : x\n")
+    with pytest.raises(ConfigError, match="unhashable key"):
+        load_config(p)
