@@ -124,13 +124,14 @@ def test_safe_data_cache_command_fills_the_cache_and_leaves_nothing_else(small_c
     assert cli(["data", "cache", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 0
     first = capsys.readouterr().out
     [namespace] = list(out.iterdir())
-    assert {p.name for p in namespace.iterdir()} == {"config.json", "index.json", "shard-00000.safetensors"}
+    assert {p.name for p in namespace.iterdir()} == {"config.json", "index.json", "truncated.json",
+                                                     "shard-00000.safetensors"}
     n = len(json.loads((namespace / "index.json").read_text()))
     assert n > 10 and f"'new': {n}" in first
     assert cli(["data", "cache", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 0
     second = capsys.readouterr().out
     assert f"'cached_before': {n}" in second and "'new': 0" in second
-    assert len(list(namespace.iterdir())) == 3
+    assert len(list(namespace.iterdir())) == 4
 
 
 def _odd_clips(tmp_path):
@@ -193,3 +194,17 @@ def test_truncated_clips_are_counted_per_batch_and_silent_clips_skipped(tiny_mod
     assert items[2] is None and [items[i]["audio_truncated"] for i in (0, 1, 3)] == [False, True, False]
     batch = proc.collate(items)
     assert batch["audio_truncated"] == 1 and batch["skipped"] == 1 and batch["audio_features"].shape[0] == 2
+    # recorded by the build: a reopened cache knows it without opening the audio file
+    reopened = FeatureCache.open(tmp_path / "cache", model, max_seconds=2.0)
+    assert reopened.cut_duration(long) == pytest.approx(3.0) and reopened.cut_duration(clips[0]) is None
+    import safe_av.training.data as tdata
+
+    monkey_probe = []
+    orig = tdata.probe_duration
+    tdata.probe_duration = lambda p: monkey_probe.append(p) or orig(p)
+    try:
+        again = SAFEDataset(samples, sampling_rate=proc.sampling_rate, max_seconds=2.0, feature_cache=reopened)
+        assert [again[i]["audio_truncated"] for i in (0, 1, 3)] == [False, True, False]
+    finally:
+        tdata.probe_duration = orig
+    assert monkey_probe == []

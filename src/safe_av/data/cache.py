@@ -8,6 +8,7 @@ config never reads stale features::
     CACHE/<fingerprint>/config.json           what the fingerprint covers
     CACHE/<fingerprint>/index.json            content sha256 -> [shard, key]
     CACHE/<fingerprint>/bad.json              content sha256 -> why the file could not be encoded
+    CACHE/<fingerprint>/truncated.json        content sha256 -> full duration of a clip cached from its start
     CACHE/<fingerprint>/shard-00000.safetensors
 
 A file that cannot be decoded (corrupt, silent, too short ...) is skipped, counted, and its reason kept, so a
@@ -33,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from safe_av.data.audio import load_audio
+from safe_av.data.audio import load_audio, probe_duration
 from safe_av.data.records import DataError
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class FeatureCache:
         self.bad: dict[str, str] = {}
         if (self.dir / "bad.json").is_file():
             self.bad = json.loads((self.dir / "bad.json").read_text())
+        self.cut: dict[str, float] = {}  # content sha256 -> duration (s) of a clip cached from its first max_seconds
+        if (self.dir / "truncated.json").is_file():
+            self.cut = json.loads((self.dir / "truncated.json").read_text())
         self._hashes: dict[str, tuple] = {}
         self._shards: dict[str, object] = {}
         self.hits = self.misses = 0
@@ -103,6 +107,11 @@ class FeatureCache:
             raise DataError(path, "audio", str(path), f"cannot read the file ({err.strerror or err})") from err
         self._hashes[str(path)] = ((st.st_size, st.st_mtime_ns), digest)
         return digest
+
+    def cut_duration(self, path: str | Path) -> float | None:
+        """The full duration of ``path``'s clip when its cached features cover only its first ``max_seconds``
+        (recorded by `build`: no file is opened), else None."""
+        return self.cut.get(self.key(path))
 
     def _known_bad(self, path) -> bool:
         try:
@@ -174,6 +183,7 @@ class FeatureCache:
             else:
                 tensors[key_of[p]] = feat
         stats["truncated"] = len(truncated)
+        self.cut.update({key_of[p]: probe_duration(p) or self.max_seconds for p in truncated})
         if bad:
             self.bad.update(bad)
             _write_json(self.dir / "bad.json", self.bad)
@@ -186,6 +196,7 @@ class FeatureCache:
         for k in tensors:
             self.index[k] = [shard, k]
         (self.dir / "config.json").write_text(json.dumps(self.fp, indent=1, default=str))
+        _write_json(self.dir / "truncated.json", self.cut)
         _write_json(self.dir / "index.json", self.index)
         stats["new"] = len(tensors)
         return stats

@@ -115,12 +115,16 @@ class SAFEDataset(Dataset):
         return item
 
     def _cached_clip_cut(self, path: str) -> bool:
-        """Whether the clip behind cached features was longer than the cache's ``max_seconds`` (header probe,
-        memoised per path); it is logged once per file like a clip `load_audio` cuts."""
-        if path not in self._durations:
-            self._durations[path] = probe_duration(path)
-        duration = self._durations[path]
+        """Whether the clip behind cached features was longer than the cache's ``max_seconds``: recorded by the
+        on-disk cache's build (no file opened per sample), else a header probe memoised per path; it is logged
+        once per file like a clip `load_audio` cuts."""
         limit = float(getattr(self.feature_cache, "max_seconds", self.max_seconds))
+        if hasattr(self.feature_cache, "cut_duration"):
+            duration = self.feature_cache.cut_duration(path)
+        else:
+            if path not in self._durations:
+                self._durations[path] = probe_duration(path)
+            duration = self._durations[path]
         if duration is None or duration <= limit:
             return False
         warn_truncated(path, duration, limit)
