@@ -100,3 +100,26 @@ def test_fisher_passes_over_batches_without_a_loadable_image(small_corpus, tmp_p
     with pytest.raises(DataUnreadableError, match=r"Fisher: 10 batches of VL training samples in a row had no "
                                                   r"loadable image \(datasets \['vqav2'\]"):
         trainer._setup_fisher()
+
+
+def test_retention_compares_the_same_questions_when_an_image_fails(small_corpus, tmp_path, monkeypatch):
+    """The original accuracy of the held-out subset is taken over the subset's questions that load, as the
+    retention that divides by it: an untouched model's retention is exactly 1 (it used to take the first n
+    loaded records, one question past the subset when an early image failed)."""
+    trainer = Trainer(_cfg(small_corpus, tmp_path, **{"curriculum.eval_samples": 3}), tmp_path / "run")
+    trainer.setup()
+    trainer._eval_subsets()
+    assert len(trainer.vqa_eval) > 4
+    failed = trainer.vqa_eval[0]  # its image does not load: no record
+
+    def predict(samples, **kw):  # right on every other question of the evaluation set, by position
+        right = {(s.dataset, s.id) for s in trainer.vqa_eval[::2]}
+        return [{"dataset": s.dataset, "id": s.id, "answers": s.answers,
+                 "prediction": s.answers[0] if (s.dataset, s.id) in right else "wrong-answer"}
+                for s in samples if s is not failed]
+
+    monkeypatch.setattr(trainer, "_predict", predict)
+    trainer._score_original_vqa()
+    # subset = questions 0-2; 0 failed; 1 wrong, 2 right: 0.5 (the first 3 loaded records, 1-3, gave 1/3)
+    assert trainer.state.original_vqa_subset == pytest.approx(0.5, abs=0.01)
+    assert trainer._retention() == 1.0

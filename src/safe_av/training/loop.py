@@ -380,6 +380,15 @@ class Trainer:
         score = ev.score_vqa(self._predict(self.vqa_subset))
         return None if score is None else score / self.state.original_vqa_subset
 
+    def _score_original_vqa(self) -> None:
+        """The untrained model's VQA accuracy on the evaluation set and on the held-out subset that retention
+        is measured on (the same questions: those of the subset whose image loads)."""
+        recs = self._predict(self.vqa_eval, use_audio=False)
+        subset = {(s.dataset, s.id) for s in self.vqa_subset}
+        self.state.original_vqa_accuracy = ev.score_vqa(recs)
+        self.state.original_vqa_subset = ev.score_vqa([r for r in recs if (r["dataset"], r["id"]) in subset])
+        log.info("original VQA accuracy %s", self.state.original_vqa_accuracy)
+
     def _stage_eval(self, stage: CurriculumStage) -> tuple[float | None, float | None]:
         """Held-out VL retention and the stage's audio accuracy (its difficulties, audio-dependent questions)."""
         retention = self._retention()
@@ -406,10 +415,7 @@ class Trainer:
         start = self._maybe_resume_state()
         self._check_phases()
         if self.state.original_vqa_accuracy is None:
-            recs = self._predict(self.vqa_eval, use_audio=False)
-            self.state.original_vqa_accuracy = ev.score_vqa(recs)
-            self.state.original_vqa_subset = ev.score_vqa(recs[: len(self.vqa_subset)])
-            log.info("original VQA accuracy %.4f", self.state.original_vqa_accuracy)
+            self._score_original_vqa()
         bar = tqdm(total=self.state.global_step, initial=self.state.global_step, disable=not self.main, desc="train", dynamic_ncols=True)
         for index in range(self.state.phase, len(self.cfg.train.phases)):
             self._run_phase(index, bar, resume_from=start if index == self.state.phase else None)
