@@ -144,6 +144,22 @@ def test_resume_with_another_model_section_is_refused_before_writing(full_run, t
     caplog.clear()
     Trainer(cfg, run, resume="latest")._check_resume_config()  # the same config: silent
     assert not caplog.records
+    # how the same tensors are computed may change (after running out of memory): a warning, not a refusal
+    ckpt_on = copy.deepcopy(cfg)
+    ckpt_on.model.gradient_checkpointing = True
+    with caplog.at_level(logging.WARNING, logger="safe_av.training.loop"):
+        Trainer(ckpt_on, run, resume="latest")._check_resume_config()
+    assert "model.gradient_checkpointing: False -> True" in caplog.text
+    # a key the checkpoint's config.yaml lacks (added to the code since) is its default: no change
+    caplog.clear()
+    import yaml
+
+    latest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    saved = yaml.safe_load((latest / "config.yaml").read_text())
+    del saved["curriculum"]["adaptive_compound"]
+    (latest / "config.yaml").write_text(yaml.safe_dump(saved))
+    Trainer(cfg, run, resume=str(latest))._check_resume_config()
+    assert not caplog.records
 
 
 class _Snapshots(Trainer):

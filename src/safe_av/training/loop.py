@@ -696,16 +696,21 @@ class Trainer:
     def _check_resume_config(self) -> None:
         """Compare the config with the one the checkpoint to resume was trained with, before anything is
         written: a changed ``model`` section is refused (the adapter's tensors would not fit it, or would mean
-        something else); other changes are logged as a warning, naming each key (the run then differs from
+        something else) except :data:`RESUME_RUNTIME` keys; other changes are logged as a warning, naming each
+        key (the run then differs from
         an uninterrupted one), except :data:`RESUME_FREE` (where files are, how the run reports)."""
         path = ckpt.find_latest(self.out) if self.resume == "latest" else Path(self.resume)
         if path is None or not (path / "config.yaml").is_file():
             return
-        import yaml
+        from safe_av.config import load_config
 
-        old = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        try:  # through the loader, so keys added since with their defaults are no change
+            old = to_dict(load_config(path / "config.yaml"))
+        except (ConfigError, ValueError) as err:
+            log.warning("--resume %s: its config.yaml cannot be compared (%s)", path, err)
+            return
         changes = [c for c in config_changes(old, to_dict(self.cfg)) if not c[0].startswith(RESUME_FREE)]
-        model = [c for c in changes if c[0].startswith("model.")]
+        model = [c for c in changes if c[0].startswith("model.") and not c[0].startswith(RESUME_RUNTIME)]
         show = lambda cs: "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in cs)  # noqa: E731
         if model:
             raise ResumeConfigError(
@@ -935,6 +940,12 @@ RESUME_FREE = ("data.root", "data.feature_cache", "data.num_workers", "train.pre
                "train.checkpoint_every", "train.keep_last", "train.log_every", "train.trackers", "eval.batch_size")
 
 
+#: ``model`` keys a resume may change (with a warning): how the same tensors are computed or stored, not what
+#: they are (e.g. gradient checkpointing after running out of memory)
+RESUME_RUNTIME = ("model.dtype", "model.load_in", "model.gradient_checkpointing", "model.attn_implementation",
+                  "model.frozen_prefix", "model.label_logits_only")
+
+
 class ResumeConfigError(ValueError):
     """``safe train --resume`` with a config whose ``model`` section differs from the checkpoint's."""
 
@@ -967,4 +978,4 @@ def previous_run_outputs(folder: Path) -> list[str]:
 
 
 __all__ = ["Trainer", "TrainState", "train", "evaluate_run", "Corpus", "RunFolderError", "previous_run_outputs",
-           "ResumeConfigError", "config_changes", "RESUME_FREE"]
+           "ResumeConfigError", "config_changes", "RESUME_FREE", "RESUME_RUNTIME"]
