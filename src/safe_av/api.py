@@ -28,6 +28,10 @@ from safe_av.data.text import move_batch
 from safe_av.eval.run import InputError, LoadedCheckpoint, load_checkpoint, unknown_fields_error
 
 
+#: ``SAFE``'s defaults (``None`` asks for them)
+DEFAULT_MAX_NEW_TOKENS, DEFAULT_BATCH_SIZE = 16, 8
+
+
 def _count(name: str, value, default: int | None = None) -> int | None:
     """``value`` checked as a count >= 1 (``None``: ``default``)."""
     if value is None:
@@ -57,13 +61,13 @@ class SAFE:
         batch_size: ``answer_batch``'s default batch size.
     """
 
-    def __init__(self, loaded: LoadedCheckpoint, *, max_new_tokens: int = 16, batch_size: int = 8):
+    def __init__(self, loaded: LoadedCheckpoint, *, max_new_tokens: int | None = 16, batch_size: int | None = 8):
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
         self.cfg = loaded.cfg
-        self.max_new_tokens = _count("max_new_tokens", max_new_tokens)
-        self.batch_size = _count("batch_size", batch_size)
+        self.max_new_tokens = _count("max_new_tokens", max_new_tokens, DEFAULT_MAX_NEW_TOKENS)
+        self.batch_size = _count("batch_size", batch_size, DEFAULT_BATCH_SIZE)
 
     @property
     def base_is_original(self) -> bool:
@@ -183,8 +187,8 @@ class SAFE:
         return f"SAFE({f.kind}={str(f.weights)!r}, base={self.loaded.base_path or self.cfg.model.base!r})"
 
 
-def load(path: str | Path, *, config=None, device: str | torch.device | None = None, max_new_tokens: int = 16,
-         batch_size: int = 8) -> SAFE:
+def load(path: str | Path, *, config=None, device: str | torch.device | None = None, max_new_tokens: int | None = 16,
+         batch_size: int | None = 8) -> SAFE:
     """Load a trained SAFE model for inference.
 
     Args:
@@ -193,8 +197,8 @@ def load(path: str | Path, *, config=None, device: str | torch.device | None = N
         config: a :class:`~safe_av.config.SAFEConfig`, or the path of a YAML config, to use when the folder has
             no run config beside it.
         device: where to run (default: CUDA if available, else CPU).
-        max_new_tokens: default answer length limit (>= 1).
-        batch_size: ``answer_batch``'s default batch size (>= 1).
+        max_new_tokens: default answer length limit (>= 1; None: 16).
+        batch_size: ``answer_batch``'s default batch size (>= 1; None: 8).
 
     Raises:
         FileNotFoundError: nothing loadable at ``path`` (or ``config`` not found).

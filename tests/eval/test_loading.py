@@ -265,6 +265,8 @@ def test_api_argument_and_input_errors(run, media, tmp_path, loaded):
         api.load(run, max_new_tokens=0)
     # None means the default: the same as not passing it
     assert loaded.answer(QUESTION, image=image, max_new_tokens=None) == loaded.answer(QUESTION, image=image)
+    defaults = api.SAFE(loaded.loaded, max_new_tokens=None, batch_size=None)
+    assert (defaults.max_new_tokens, defaults.batch_size) == (16, 8)
     assert len(loaded.answer(QUESTION, image=image, audio=audio, max_new_tokens=1).split()) <= 1
 
 
