@@ -131,6 +131,37 @@ def test_any_pil_decoding_exception_is_an_image_error(tmp_path, monkeypatch):
     with pytest.raises(ImageError, match=r"ok.jpg: field 'image'.*unreadable or corrupt image \(IndexError: tile"):
         load_image(path)
 
+    def out_of_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(Image.Image, "load", out_of_memory)  # the machine's problem, not the file's: not hidden
+    with pytest.raises(MemoryError):
+        load_image(path)
+    monkeypatch.undo()
+    import safe_av.data.vision as vision
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((4, 4), np.uint16)).save(wide)
+    monkeypatch.setattr(vision, "to_uint8", lambda *a: 1 / 0)  # our own code after PIL's: its bug surfaces
+    with pytest.raises(ZeroDivisionError):
+        load_image(wide)
+
+
+def test_an_image_over_the_pixel_limit_but_under_twice_it_is_refused_too(tmp_path):
+    """PIL only warns between MAX_IMAGE_PIXELS and twice it (and would decode up to ~0.5 GB): refused as well."""
+    import struct
+
+    path = tmp_path / "big.bmp"
+    Image.new("RGB", (64, 64)).save(path, format="BMP")
+    data = bytearray(path.read_bytes())
+    side = int((1.5 * Image.MAX_IMAGE_PIXELS) ** 0.5)
+    data[18:26] = struct.pack("<ii", side, side)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageError) as err:
+        load_image(path)
+    assert err.value.field == "pixels" and err.value.value == side * side
+    assert f"exceeds the limit of {Image.MAX_IMAGE_PIXELS} pixels" in err.value.reason
+
 
 def test_16_bit_image_is_rescaled_not_clipped(tmp_path):
     """A 0..65535 gradient keeps its gradient (v / 257), instead of PIL's convert turning it white."""

@@ -27,6 +27,7 @@ A constant image outside those ranges (nothing to stretch) becomes black.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,13 +81,18 @@ def load_image(path: str | Path) -> Image.Image:
     """
     file = resolve_image_path(path)
     try:  # PIL calls only: whatever they raise is a property of the file
-        with Image.open(file) as img:
-            img.load()  # decode now: a truncated body fails here, not later
-            if img.mode not in WIDE_MODES:
-                return img.convert("RGB")
-            mode, pixels = img.mode, np.asarray(img)
-    except Image.DecompressionBombError as err:
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it (and refuses above): refuse from the limit on
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as img:
+                img.load()  # decode now: a truncated body fails here, not later
+                if img.mode not in WIDE_MODES:
+                    return img.convert("RGB")
+                mode, pixels = img.mode, np.asarray(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise _bomb_error(file, err) from err
+    except MemoryError:  # the machine, not the file
+        raise
     except Exception as err:  # noqa: BLE001 - PIL's decoders raise many types (struct.error, IndexError, ...)
         raise ImageError(file, "image", file.name, f"unreadable or corrupt image ({_describe(err)})") from err
     return Image.fromarray(to_uint8(pixels, mode, file)).convert("RGB")
