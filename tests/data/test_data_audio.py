@@ -206,3 +206,19 @@ def test_bad_arguments(tmp_path):
     path = write_tone(tmp_path / "ok.wav", 1.0)
     with pytest.raises(ValueError, match="on_long"):
         load_audio(path, target_sr=16000, on_long="pad")
+
+
+def test_cut_clips_are_named_at_warning_a_few_times_then_at_debug(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import safe_av.data.audio as audio
+
+    monkeypatch.setattr(audio, "_WARNED_CUT", set())
+    with caplog.at_level(logging.DEBUG, logger="safe_av.data.audio"):
+        for i in range(audio.CUT_WARNINGS + 3):
+            audio.warn_truncated(tmp_path / f"c{i}.wav", 12.0, 10.0)
+        audio.warn_truncated(tmp_path / "c0.wav", 12.0, 10.0)  # once per file
+    cut = [(r.levelno, r.getMessage()) for r in caplog.records if "audio clip cut" in r.getMessage()]
+    assert len(cut) == audio.CUT_WARNINGS + 3
+    assert [lvl for lvl, _ in cut] == [logging.WARNING] * audio.CUT_WARNINGS + [logging.DEBUG] * 3
+    assert sum("further cut clips are logged at DEBUG" in r.getMessage() for r in caplog.records) == 1

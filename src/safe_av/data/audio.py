@@ -167,15 +167,26 @@ def wav_declared_frames(path: str | Path) -> int | None:
     return None
 
 
+#: cut clips named at WARNING per process; later ones at DEBUG (every cut is still counted: truncated_audio)
+CUT_WARNINGS = 5
+
+
 def warn_truncated(path: str | Path, duration_s: float, max_seconds: float) -> None:
-    """Log once per file and process (WARNING) that a clip is cut to its first ``max_seconds``."""
+    """Log once per file and process that a clip is cut to its first ``max_seconds``: the first
+    :data:`CUT_WARNINGS` files at WARNING, then one note that the rest go to DEBUG (a corpus of long clips would
+    otherwise fill the log; the counts say how many)."""
     key = str(path)
     if key in _WARNED_CUT:
         return
     if len(_WARNED_CUT) < 100_000:
         _WARNED_CUT.add(key)
-    log.warning("audio clip cut: %s lasts %.2f s; only its first %g s are used (data.max_audio_seconds)",
-                path, duration_s, max_seconds)
+    n = len(_WARNED_CUT)
+    level = logging.WARNING if n <= CUT_WARNINGS else logging.DEBUG
+    log.log(level, "audio clip cut: %s lasts %.2f s; only its first %g s are used (data.max_audio_seconds)",
+            path, duration_s, max_seconds)
+    if n == CUT_WARNINGS:
+        log.warning("further cut clips are logged at DEBUG only; every one is counted (truncated_audio in "
+                    "metrics.json, 'truncated' in the feature cache's stats)")
 
 
 def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
