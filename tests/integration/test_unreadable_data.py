@@ -82,23 +82,37 @@ def test_too_few_samples_for_a_batch_name_the_phase(small_corpus, tmp_path):
         Trainer(cfg, tmp_path / "run").train()
 
 
-def test_fisher_passes_over_batches_without_a_loadable_image(small_corpus, tmp_path):
+def test_fisher_passes_over_batches_without_a_loadable_image(small_corpus, tmp_path, monkeypatch):
     root = tmp_path / "corpus"
     shutil.copytree(small_corpus, root)
-    images = sorted({s.image for s in read("vqav2", root / "vqav2", "train").samples})
-    for f in images[::2]:  # half the VQA training images corrupt: batches still have some, Fisher is estimated
-        Path(f).write_bytes(b"not an image")
     cfg = _cfg(root, tmp_path, **{"loss.fisher_batches": 3})
-    trainer = Trainer(cfg, tmp_path / "half")
+    # the first two batches come out empty (none of their images loads): passed over, three real ones used
+    from safe_av.training.data import BatchStream
+
+    real_next, calls = BatchStream.next, []
+
+    def next_(self):
+        calls.append(1)
+        batch = real_next(self)
+        return {"empty": True, "skipped": 8, "audio_truncated": 0} if len(calls) <= 2 else batch
+
+    monkeypatch.setattr(BatchStream, "next", next_)
+    used = []
+    real_estimate = loop.estimate_fisher
+    monkeypatch.setattr(loop, "estimate_fisher",
+                        lambda fn, params, batches, **kw: real_estimate(fn, params, (used.append(b) or b
+                                                                                      for b in batches), **kw))
+    trainer = Trainer(cfg, tmp_path / "some")
     trainer.setup()
     trainer._setup_fisher()
-    assert trainer.fisher is not None
-    for f in images:  # all of them: a clear error instead of a forward without inputs
+    assert trainer.fisher and len(used) == 3 and len(calls) == 5 and all("input_ids" in b for b in used)
+    monkeypatch.undo()
+    for f in {s.image for s in read("vqav2", root / "vqav2", "train").samples}:  # every image: a clear error
         Path(f).write_bytes(b"not an image")
     trainer = Trainer(cfg, tmp_path / "none")
     trainer.setup()
     with pytest.raises(DataUnreadableError, match=r"Fisher: 10 batches of VL training samples in a row had no "
-                                                  r"loadable image \(datasets \['vqav2'\]"):
+                                                  r"loadable sample \(datasets \['vqav2'\]"):
         trainer._setup_fisher()
 
 

@@ -67,8 +67,15 @@ class DataUnreadableError(ValueError):
     """Training steps in a row found no sample whose files could be loaded."""
 
 
-#: optimizer steps in a row without one loadable sample before training stops (a skipped one is counted)
+#: optimizer steps (or Fisher batches) in a row without one loadable sample before training stops
 EMPTY_STEPS_LIMIT = 10
+
+
+def _check_empty_run(n: int, what: str, where: str) -> None:
+    """Stop with a clear error once ``n`` (steps or batches) in a row had no loadable sample."""
+    if n >= EMPTY_STEPS_LIMIT:
+        raise DataUnreadableError(f"{what} in a row had no loadable sample {where}: their audio or image files "
+                                  "cannot be read; the warnings above name them, `safe data validate` lists them all")
 
 
 class Stopped(Exception):
@@ -410,10 +417,10 @@ class Trainer:
         self.setup()
         self._eval_subsets()
         self.curriculum = self._build_curriculum()
+        start = self._maybe_resume_state()
+        self._check_phases()  # before the Fisher pass, which can be long on a real model
         self._setup_fisher()
         self._audio_stats()
-        start = self._maybe_resume_state()
-        self._check_phases()
         if self.state.original_vqa_accuracy is None:
             self._score_original_vqa()
         bar = tqdm(total=self.state.global_step, initial=self.state.global_step, disable=not self.main, desc="train", dynamic_ncols=True)
@@ -564,13 +571,10 @@ class Trainer:
         st.empty_in_a_row += 1
         self._log_jsonl({"event": "skipped_step", "step": st.global_step + 1,
                          "reason": "no sample of the batch could be loaded (see the skipped-sample warnings)"})
-        if st.empty_in_a_row >= EMPTY_STEPS_LIMIT:
-            phase = self.cfg.train.phases[st.phase]
-            raise DataUnreadableError(
-                f"phase {phase.name!r}: {st.empty_in_a_row} optimizer steps in a row had no loadable sample "
-                f"({st.skipped_samples} samples skipped so far) from datasets {sorted(phase.datasets)} under "
-                f"{self.cfg.data.root}: their audio or image files cannot be read; the warnings above name them, "
-                f"`safe data validate` lists them all")
+        phase = self.cfg.train.phases[st.phase]
+        _check_empty_run(st.empty_in_a_row, f"phase {phase.name!r}: {st.empty_in_a_row} optimizer steps",
+                         f"({st.skipped_samples} samples skipped so far) from datasets {sorted(phase.datasets)} "
+                         f"under {self.cfg.data.root}")
         sched.step()
         return None
 
@@ -682,11 +686,13 @@ class Trainer:
         and audio encoder are, their family/kind and weight fingerprints (computed once: the originals do not
         change)."""
         if getattr(self, "_meta", None) is None:
-            self._meta = {
-                "base_path": str(Path(self.base_path).resolve()) if self.base_path else None,
-                "audio_encoder_path": str(Path(self.audio_path).resolve()) if self.audio_path else None,
-                **self.model.adapter_identity()}
+            self._meta = {**self._locations(), **self.model.adapter_identity()}
         return self._meta
+
+    def _locations(self) -> dict:
+        """Absolute folders of the base and audio encoder this run loaded (None: loaded by name)."""
+        return {"base_path": str(Path(self.base_path).resolve()) if self.base_path else None,
+                "audio_encoder_path": str(Path(self.audio_path).resolve()) if self.audio_path else None}
 
     def _best_metric(self):
         """``(name, value, "max")`` of ``train.best_metric`` from the latest evaluation, if it measured it."""
@@ -757,11 +763,9 @@ class Trainer:
 
         st = self.state
         if self.main:  # first: an evaluation that fails must not cost the trained adapter
-            base_path = str(Path(self.base_path).resolve()) if self.base_path else None
-            audio_path = str(Path(self.audio_path).resolve()) if self.audio_path else None
             self.model.save_pretrained(self.out / "adapter", extra_config={
-                "base": self.cfg.model.base, "audio_encoder": self.cfg.model.audio_encoder, "base_path": base_path,
-                "audio_encoder_path": audio_path, "model": to_dict(self.cfg.model)})
+                "base": self.cfg.model.base, "audio_encoder": self.cfg.model.audio_encoder, **self._locations(),
+                "model": to_dict(self.cfg.model)})
         metrics = evaluate_run(self)
         metrics.update(curriculum_stages=self._stage_starts(), skipped_samples=st.skipped_samples,
                        skipped_steps=st.skipped_steps, truncated_audio=st.truncated_audio,
@@ -835,16 +839,12 @@ def compute_fisher(trainer: Trainer, params: dict) -> dict:
     stream.configure(0.0, None)
 
     def batches():  # batches none of whose images loaded are passed over (their skips are logged); a bounded number
-        empty = 0
         for _ in range(cfg.loss.fisher_batches):
-            batch = stream.next()
+            batch, empty = stream.next(), 0
             while batch.get("empty"):
                 empty += 1
-                if empty >= EMPTY_STEPS_LIMIT:
-                    raise DataUnreadableError(
-                        f"Fisher: {empty} batches of VL training samples in a row had no loadable image "
-                        f"(datasets {sorted({s.dataset for s in vl})} under {cfg.data.root}); the warnings above "
-                        f"name the files, `safe data validate` lists them all")
+                _check_empty_run(empty, f"Fisher: {empty} batches of VL training samples",
+                                 f"(datasets {sorted({s.dataset for s in vl})} under {cfg.data.root})")
                 batch = stream.next()
             yield move_batch(batch, trainer.acc.device)
 
