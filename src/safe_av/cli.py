@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", nargs="*", default=None, metavar="SPLIT",
                    help="splits to check (default: every standard split that has an annotation file); a named "
                         "split without one is an error")
+    q.add_argument("--max-audio-seconds", type=float, default=10.0,
+                   help="the part of each clip training uses (data.max_audio_seconds): a clip silent there is bad")
     q = dsub.add_parser("cache", help="write the frozen audio-feature cache")
     _add_config(q)
     q.add_argument("--out", default=None, help="cache folder (default: data.feature_cache)")

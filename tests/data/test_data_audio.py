@@ -222,3 +222,23 @@ def test_cut_clips_are_named_at_warning_a_few_times_then_at_debug(tmp_path, monk
     assert len(cut) == audio.CUT_WARNINGS + 3
     assert [lvl for lvl, _ in cut] == [logging.WARNING] * audio.CUT_WARNINGS + [logging.DEBUG] * 3
     assert sum("further cut clips are logged at DEBUG" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_validate_judges_silence_on_the_part_training_uses(tmp_path):
+    """Silent for its first 10 s and sounding after: the loader (first max_seconds) skips it as silent, so
+    validate calls it bad too; with a longer limit both accept it."""
+    import soundfile as sf
+
+    from safe_av.data.audio import AudioError, audio_problem, load_audio
+
+    sr = 8000
+    x = np.zeros(12 * sr, np.float32)
+    x[11 * sr:] = 0.5 * np.sin(np.arange(sr) / 3)
+    path = tmp_path / "late.wav"
+    sf.write(path, x, sr)
+    err = audio_problem(path, max_seconds=10.0)
+    assert err is not None and err.field == "samples" and "in its first 10 s, the part used" in err.reason
+    with pytest.raises(AudioError):
+        load_audio(path, target_sr=sr, max_seconds=10.0)
+    assert audio_problem(path, max_seconds=12.0) is None and audio_problem(path, max_seconds=None) is None
+    assert load_audio(path, target_sr=sr, max_seconds=12.0).num_valid == 12 * sr

@@ -276,12 +276,15 @@ def load_audio(
     )
 
 
-def audio_problem(path: str | Path, *, min_seconds: float = 0.1, allow_silent: bool = False) -> AudioError | None:
+def audio_problem(path: str | Path, *, min_seconds: float = 0.1, allow_silent: bool = False,
+                  max_seconds: float | None = 10.0) -> AudioError | None:
     """Why an audio file is unusable (the error, naming its field), or None when it is fine (for validation).
 
     Reads the whole file, in blocks (bounded memory): a corrupt body is caught, not only a bad
     header. A WAV whose data chunk declares more frames than the file holds (a truncated
     download) is reported. Over-long, stereo or other-rate files are fine: the loader handles them.
+    Silence is judged on the part training uses, the first ``max_seconds`` (``data.max_audio_seconds``, 10 s
+    by default; None: the whole file), as `load_audio` judges it.
     """
     path = Path(path)
     problem = path_problem(path)
@@ -291,13 +294,18 @@ def audio_problem(path: str | Path, *, min_seconds: float = 0.1, allow_silent: b
     try:
         with sf.SoundFile(str(path)) as f:
             sr = int(f.samplerate)
+            used = None if max_seconds is None else int(np.ceil(max_seconds * sr))  # frames training reads
             for block in f.blocks(blocksize=1 << 18, dtype="float32", always_2d=True):
                 if not block.size:
                     continue
                 if not np.isfinite(block).all():
                     return AudioError(path, "samples", "NaN/inf", "audio contains non-finite samples")
                 mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1)
-                frames, peak = frames + block.shape[0], max(peak, float(np.abs(mono).max()))
+                if used is not None:
+                    mono = mono[: max(used - frames, 0)]
+                if mono.size:
+                    peak = max(peak, float(np.abs(mono).max()))
+                frames += block.shape[0]
     except _READ_ERRORS as err:
         return AudioError(path, "audio", path.name, f"unreadable or corrupt audio ({err})")
     if frames == 0:
@@ -310,6 +318,9 @@ def audio_problem(path: str | Path, *, min_seconds: float = 0.1, allow_silent: b
     if duration < min_seconds:
         return AudioError(path, "duration_s", round(duration, 4), f"too short (< {min_seconds} s)")
     if not allow_silent and peak <= SILENCE_PEAK:
+        if max_seconds is not None and duration > max_seconds:
+            return AudioError(path, "samples", "all ~0", f"{SILENT_REASON} in its first {max_seconds:g} s, the part "
+                                                          "used (data.max_audio_seconds)")
         return AudioError(path, "samples", "all ~0", SILENT_REASON)
     return None
 

@@ -54,7 +54,8 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def validate(format: str, root: str | Path, splits: list[str] | None = None) -> ValidationReport:
+def validate(format: str, root: str | Path, splits: list[str] | None = None, *,
+             max_audio_seconds: float = 10.0) -> ValidationReport:
     """Read every record and open every media file of a dataset.
 
     Args:
@@ -62,6 +63,8 @@ def validate(format: str, root: str | Path, splits: list[str] | None = None) -> 
         root: the dataset root (layouts in ``safe_av/data/formats/LAYOUTS.md``).
         splits: splits to check; None checks each standard split whose annotation
             file exists (and fails if there is none).
+        max_audio_seconds: the part of each clip training uses (``data.max_audio_seconds``): silence is judged
+            on it, as the loader judges it.
 
     Raises:
         ValueError: unknown format.
@@ -90,7 +93,7 @@ def validate(format: str, root: str | Path, splits: list[str] | None = None) -> 
             report.bad.append(BadEntry(_annotation_file(format, root, split), "entries", 0, why))
         for reason, n in result.skipped.items():
             report.skipped[reason] = report.skipped.get(reason, 0) + n
-        _check_media(result, checked, report)
+        _check_media(result, checked, report, max_audio_seconds)
     if not report.samples:
         why = ("the folder does not exist" if not Path(root).is_dir()
                else "no split annotation file found (layouts: safe_av/data/formats/LAYOUTS.md)")
@@ -108,7 +111,7 @@ def _annotation_file(format: str, root: str | Path, split: str) -> str:
         return f"{root} ({split})"
 
 
-def _check_media(result: ReadResult, checked: set[str], report: ValidationReport) -> None:
+def _check_media(result: ReadResult, checked: set[str], report: ValidationReport, max_audio_seconds: float) -> None:
     """Open each distinct audio/image path once; a bad file is reported once."""
     for sample in result.samples:
         for kind, path in (("audio", sample.audio), ("image", sample.image)):
@@ -116,7 +119,7 @@ def _check_media(result: ReadResult, checked: set[str], report: ValidationReport
                 continue
             checked.add(path)
             report.files_checked += 1
-            err = audio_problem(path) if kind == "audio" else _image_problem(path)
+            err = audio_problem(path, max_seconds=max_audio_seconds) if kind == "audio" else _image_problem(path)
             if err is not None:  # the entry names the file once; the error's own field only when it is another
                 reason = err.reason if err.field == kind else f"{err.field} = {err.value!r}: {err.reason}"
                 inner = Path(err.path).name  # the frame of a frame folder that failed, unless the reason names it
@@ -141,7 +144,8 @@ def main_validate(args: argparse.Namespace) -> int:
     Returns:
         0 when everything is usable, 1 otherwise.
     """
-    report = validate(args.format, args.root, getattr(args, "split", None) or None)
+    report = validate(args.format, args.root, getattr(args, "split", None) or None,
+                      max_audio_seconds=getattr(args, "max_audio_seconds", None) or 10.0)
     print(report.summary())
     for entry in report.bad:
         print(f"  BAD {entry}")
