@@ -25,23 +25,6 @@ from tests.eval.test_run import fake_run, make_cfg, open_gates
 QUESTION = "Which instrument is playing?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from safe_av.data.synthetic import write_synthetic
-
-    root = tmp_path_factory.mktemp("corpus")
-    write_synthetic(root, seed=0, small=True)
-    return root
-
-
 @pytest.fixture(scope="module")
 def run(corpus, tmp_path_factory):
     return fake_run(tmp_path_factory.mktemp("run") / "run", make_cfg(corpus))

@@ -30,24 +30,6 @@ EXPECTED_KEYS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from safe_av.data.synthetic import write_synthetic
-
-    root = tmp_path_factory.mktemp("corpus")
-    write_synthetic(root, seed=0, small=True)
-    return root
-
-
 @pytest.fixture(scope="module")
 def same_audio_corpus(corpus, tmp_path_factory):
     """The corpus with every MUSIC-AVQA clip replaced by the same file."""
