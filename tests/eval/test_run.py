@@ -255,9 +255,12 @@ def test_infer_single_missing_file(run, media, tmp_path, capsys):
     assert "gone.wav" in err and "'audio'" in err and "not found" in err
 
 
-def test_infer_usage_errors(run, capsys):
+def test_infer_usage_errors(run, capsys, tmp_path):
     assert cli(["infer", "--checkpoint", str(run)]) == 2
     assert "--question" in capsys.readouterr().err
+    (tmp_path / "in.jsonl").write_text('{"question": "?"}\n')
+    assert cli(["infer", "--checkpoint", str(run), "--question", "?", "--input", str(tmp_path / "in.jsonl")]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 def test_infer_jsonl_reports_bad_lines_and_goes_on(run, media, tmp_path, capsys, loaded):

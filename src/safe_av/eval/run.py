@@ -706,8 +706,8 @@ def infer_main(args) -> int:
     from safe_av import api
 
     if bool(args.input) == (args.question is not None):  # --question "" asks for a caption
-        print("safe infer: error: give --question (with --image and/or --audio) or --input FILE.jsonl",
-              file=sys.stderr)
+        print("safe infer: error: give either --question (with --image and/or --audio) or --input FILE.jsonl"
+              + (", not both" if args.input else ""), file=sys.stderr)
         return 2
     if args.input and (args.image or args.audio):
         print("safe infer: error: --image/--audio go with --question, not --input", file=sys.stderr)

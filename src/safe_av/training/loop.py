@@ -63,6 +63,10 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class DistributedSetupError(ValueError):
+    """Several processes were launched but accelerate formed no process group (a usage error: exit 2)."""
+
+
 class DataUnreadableError(ValueError):
     """Training steps in a row found no sample whose files could be loaded."""
 
@@ -110,8 +114,9 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers or None,
                                project_dir=str(self.out), kwargs_handlers=[ddp])
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and self.acc.num_processes == 1:
-            raise RuntimeError("launched as one of several processes (WORLD_SIZE > 1) but accelerate set up no "
-                               "distributed run: on CPU set ACCELERATE_USE_CPU=1 (see docs/distributed.md)")
+            raise DistributedSetupError("launched as one of several processes (WORLD_SIZE > 1) but accelerate set "
+                                        "up no distributed run: on CPU set ACCELERATE_USE_CPU=1 (see "
+                                        "docs/distributed.md)")
         self.state = TrainState()
         self.t0 = time.time()
 
