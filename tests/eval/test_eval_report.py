@@ -127,8 +127,8 @@ def test_full_run_writes_html_and_every_plot(synthetic_run: Path):
         assert f'src="plots/{name}"' in page
     # summary numbers, event reasons and the escaping of untrusted text
     for text in (
-        "0.9769",
-        "0.6087",
+        "0.977",
+        "0.609",
         "retention 0.97 &gt;= 0.95 for 2 evals",
         "phase A budget spent",
         "weight_change",
@@ -229,3 +229,129 @@ def test_report_renders_in_headless_chromium_without_errors(synthetic_run: Path,
     # the report has no script of its own, so any such line is an error (the probe logs only on failure).
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
     assert not console, console
+
+
+# ---------------------------------------------------------------------------------------------
+# Evidence: n, CIs, baselines, setup, per-type chance (a run written by the current evaluate_run)
+# ---------------------------------------------------------------------------------------------
+
+TABLE_N = {"Audio Counting": 33, "Audio Comparative": 26, "Audio (avg)": 59, "Visual Counting": 31,
+           "Visual Location": 33, "Visual (avg)": 64, "AV Existential": 24, "AV Location": 28, "AV Counting": 30,
+           "AV Comparative": 24, "AV Temporal": 33, "AV (avg)": 139, "Overall": 262}
+CONFIG = """
+model: {base: tiny-blip2-opt, audio_encoder: tiny-clap}
+data: {root: runs/data/synthetic-demo, synthetic: true, eval_split: val}
+train:
+  optim: {grad_clip: 1.0}
+  phases:
+  - {name: projector_warmup, train: [projector], unfreeze: [], datasets: {audiocaps: 1.0}, max_steps: 400}
+  - {name: fusion, train: [projector, fusion], unfreeze: [], datasets: {musicavqa: 1.0, vqav2: 0.5}, max_steps: 900,
+     curriculum: true}
+  - {name: end_to_end, train: [projector, fusion, base, lora], unfreeze: [language_projection],
+     datasets: {musicavqa: 0.6}, max_steps: 600}
+curriculum: {retention_threshold: 0.9, eval_samples: 48}
+"""
+
+
+def _write_evidence_run(run_dir: Path) -> Path:
+    _write_synthetic_run(run_dir)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    table = {k: 0.5 for k in TABLE_N} | {"AV Comparative": 0.4167, "Overall": 0.6756}
+    summary.update(
+        avqa_accuracy=0.6756, avqa_accuracy_by_type=table,
+        audio_masked_avqa_accuracy=0.3053, audio_shuffled_avqa_accuracy=0.4962,
+        avqa_chance_accuracy=0.2962, avqa_majority_accuracy=0.3550,
+        audio_dependent_accuracy=0.6616, audio_masked_audio_dependent_accuracy=0.1818,
+        audio_shuffled_audio_dependent_accuracy=0.4394, audio_dependent_chance_accuracy=0.3290,
+        audio_dependent_majority_accuracy=0.3889,
+        avqa_n_by_type=TABLE_N, avqa_chance_by_type={k: 0.25 for k in TABLE_N} | {"AV Comparative": 0.5},
+        avqa_majority_by_type={k: 0.3 for k in TABLE_N} | {"AV Comparative": 0.25, "Audio Comparative": None},
+        audio_masked_avqa_accuracy_by_type={k: 0.2 for k in TABLE_N} | {"AV Comparative": 0.125},
+        audio_shuffled_avqa_accuracy_by_type={k: 0.35 for k in TABLE_N},
+        eval_samples={"vqa": {"evaluated": 180, "skipped": 0}, "avqa": {"evaluated": 262, "skipped": 0}},
+        phase_starts={"0": 0, "1": 400, "2": 1300},
+    )
+    (run_dir / "metrics.json").write_text(json.dumps(summary))
+    (run_dir / "config.yaml").write_text(CONFIG)
+    np = pytest.importorskip("numpy")
+    from safetensors.numpy import save_file
+
+    (run_dir / "adapter").mkdir()
+    save_file({"projector.w": np.zeros((10, 5), np.float32), "fusion.b": np.zeros(7, np.float32),
+               "base.lm.q_proj.lora_A.default.weight": np.zeros((2, 3), np.float32),
+               "base.model.language_projection.weight": np.zeros((4, 4), np.float32)},
+              str(run_dir / "adapter" / "adapter.safetensors"))
+    return run_dir
+
+
+def _row(page: str, first_cell: str) -> list[str]:
+    """The text of the cells of the table row whose first cell is ``first_cell``."""
+    m = re.search(r"<tr><td[^>]*>" + re.escape(first_cell) + r"</td>(.*?)</tr>", page)
+    assert m, first_cell
+    return [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", m.group(1))]
+
+
+def test_wilson_interval_known_values():
+    from safe_av.eval.report import _wilson
+
+    lo, hi = _wilson(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    lo, hi = _wilson(0.0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    assert _wilson(0.5, None) is None and _wilson(0.5, 0) is None and _wilson(None, 10) is None
+
+
+def test_report_shows_n_ci_baselines_setup_and_per_type_chance(tmp_path: Path):
+    run = _write_evidence_run(tmp_path / "run")
+    page = write_report(run).read_text()
+    # baseline table: SAFE [CI] / removed / shuffled / chance / majority / n, overall and audio-dependent
+    assert _row(page, "All AVQA questions") == ["0.676 [0.617, 0.729]", "0.305", "0.496", "0.296", "0.355", "262"]
+    assert _row(page, "Audio-dependent (Audio, Audio-Visual)") == [
+        "0.662 [0.593, 0.724]", "0.182", "0.439", "0.329", "0.389", "198"]  # n = Audio (avg) + AV (avg)
+    # per-type table: n / SAFE / audio removed / audio shuffled / chance / majority, the dash for a missing value
+    assert _row(page, "AV Comparative") == ["24", "0.417 [0.245, 0.612]", "0.125", "0.350", "0.500", "0.250"]
+    assert _row(page, "Audio Comparative")[-1] == "—"
+    # cards: n and Wilson CI; the verdict is a point estimate against the configured target
+    assert "n = 262 · Wilson 95% CI [0.617, 0.729]" in page and "n = 180 VQA questions" in page
+    assert "target ≥ 0.90: met (point estimate)" in page
+    # setup: models, data, split, phases with what they train, adapter size from the safetensors header
+    for text in ("tiny-blip2-opt", "tiny-clap", "runs/data/synthetic-demo (synthetic data)",
+                 "the same split the curriculum",
+                 "79 parameters (projector 50, unfrozen base modules 16, fusion 7, LoRA 6)"):
+        assert text in page, text
+    assert _row(page, "1")[:2] == ["projector_warmup", "projector"]
+    assert _row(page, "3")[:5] == ["end_to_end", "projector, fusion, base, lora", "language_projection",
+                                   "musicavqa 0.600", "600"]
+    # phase starts 1-based with names; captions from the config
+    starts = "phase 1 (projector_warmup): step 0<br>phase 2 (fusion): step 400<br>phase 3 (end_to_end): step 1,300"
+    assert starts in page
+    assert "on the first 48 VQA evaluation questions" in page
+    assert "phase 1 (projector_warmup), phase 2 (fusion)), retention is 1 by construction" in page
+    assert "train.optim.grad_clip = 1" in page and "anchored base parameters" in page
+    assert "min(#matching references / 3, 1)" in page and "first 64 loaded VQA evaluation questions" in page
+    # per-type dicts are not repeated as raw sub-tables in the summary
+    assert "avqa_chance_by_type</code>" not in page
+
+
+def test_older_run_without_new_keys_shows_dashes(synthetic_run: Path):
+    page = write_report(synthetic_run).read_text()
+    assert _row(page, "Audio/Counting") == ["—", "0.710", "—", "—", "—", "—"]
+    assert "All AVQA questions" in page and "n unknown" in page  # no eval_samples: no n, no CI
+    assert "No readable <code>config.yaml</code>" in page
+
+
+def test_malformed_config_and_new_keys_never_crash(synthetic_run: Path):
+    (synthetic_run / "config.yaml").write_text("train: {phases: [3, {name: x, train: 5}], optim: {grad_clip: big}}\n"
+                                               "curriculum: {retention_threshold: high}\ndata: [1]\n")
+    summary = json.loads((synthetic_run / "metrics.json").read_text())
+    summary.update(avqa_n_by_type={"Audio/Counting": None, "x": "y"}, avqa_chance_by_type=[1, 2],
+                   eval_samples={"avqa": {"evaluated": "many"}}, phase_starts={"a": 1},
+                   audio_dependent_accuracy="n/a")
+    (synthetic_run / "metrics.json").write_text(json.dumps(summary))
+    (synthetic_run / "adapter").mkdir()
+    (synthetic_run / "adapter" / "adapter.safetensors").write_bytes(b"\xff" * 20)
+    page = write_report(synthetic_run).read_text()
+    assert "</html>" in page and "target ≥ 0.95: met (point estimate)" in page
+    assert "adapter.safetensors missing or unreadable" in page
+    (synthetic_run / "config.yaml").write_text("{not: yaml: [")
+    assert "</html>" in write_report(synthetic_run).read_text()

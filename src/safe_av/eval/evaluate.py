@@ -12,7 +12,14 @@ from torch.utils.data import DataLoader
 
 from safe_av.data.records import Sample
 from safe_av.data.text import SAFEProcessor, move_batch
-from safe_av.eval.metrics import avqa_accuracy, feature_cosine_similarity, temporal_accuracy, vqa_accuracy
+from safe_av.eval.metrics import (
+    AVQA_TABLE_ROWS,
+    parse_avqa_type,
+    avqa_accuracy,
+    feature_cosine_similarity,
+    temporal_accuracy,
+    vqa_accuracy,
+)
 from safe_av.training.data import SAFEDataset
 
 AUDIO_SCENARIOS = ("Audio", "Audio-Visual")
@@ -94,16 +101,30 @@ def score_avqa(records: list[dict]) -> dict:
     return out
 
 
+def avqa_table_rows(question_type: str | None) -> list[str]:
+    """The official AVQA table rows (``AVQA_TABLE_ROWS`` labels, e.g. ``"Audio Counting"``, ``"Audio (avg)"``) a
+    question of ``question_type`` counts in, ``"Overall"`` last (every question counts there)."""
+    parsed = parse_avqa_type(question_type)
+    key = f"{parsed[0]}/{parsed[1]}" if parsed else None
+    return [label for label, keys in AVQA_TABLE_ROWS if key in keys] + ["Overall"]
+
+
 def chance_accuracy(train: list[Sample], test: list[Sample]) -> dict:
     """Chance and majority baselines per question, from the training answers of the same question type.
 
     ``chance``: expected accuracy of a uniform guess among the answers seen for the type in training;
     ``majority``: accuracy of always answering the type's most frequent training answer.
+    ``chance_by_type`` / ``majority_by_type`` / ``n_by_type``: the same per official AVQA table row (keys as
+    :func:`safe_av.eval.metrics.avqa_accuracy`'s ``table``: ``"Audio Counting"``, ..., ``"AV (avg)"``,
+    ``"Overall"``), pooled per question; a row without test questions has ``None`` and ``n`` 0.
     """
     answers = defaultdict(Counter)
     for s in train:
         answers[s.question_type][normalize_answer(s.answers[0])] += 1
     chance, majority, dep_chance, dep_major = [], [], [], []
+    rows = [label for label, _ in AVQA_TABLE_ROWS] + ["Overall"]
+    row_chance: dict[str, list[float]] = {r: [] for r in rows}
+    row_major: dict[str, list[float]] = {r: [] for r in rows}
     for s in test:
         counts = answers.get(s.question_type)
         gold = normalize_answer(s.answers[0])
@@ -114,12 +135,18 @@ def chance_accuracy(train: list[Sample], test: list[Sample]) -> dict:
         if is_audio_dependent(s.question_type):
             dep_chance.append(c)
             dep_major.append(m)
+        for row in avqa_table_rows(s.question_type):
+            row_chance[row].append(c)
+            row_major[row].append(m)
 
     def mean(x):
         return sum(x) / len(x) if x else None
 
     return {"chance": mean(chance), "majority": mean(majority), "audio_dependent_chance": mean(dep_chance),
-            "audio_dependent_majority": mean(dep_major)}
+            "audio_dependent_majority": mean(dep_major),
+            "chance_by_type": {r: mean(v) for r, v in row_chance.items()},
+            "majority_by_type": {r: mean(v) for r, v in row_major.items()},
+            "n_by_type": {r: len(v) for r, v in row_chance.items()}}
 
 
 @contextlib.contextmanager

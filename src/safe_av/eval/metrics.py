@@ -28,6 +28,7 @@ __all__ = [
     "vqa_corpus_accuracy",
     "avqa_accuracy",
     "AVQA_TABLE_ROWS",
+    "parse_avqa_type",
     "temporal_accuracy",
     "classification_accuracy",
     "tokenize_caption",
@@ -244,7 +245,7 @@ AVQA_TABLE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )  # fmt: skip
 
 
-def _parse_avqa_type(qtype: Any) -> tuple[str, str] | None:
+def parse_avqa_type(qtype: Any) -> tuple[str, str] | None:
     """``"Audio/Counting"``, the dataset's ``"['Audio', 'Counting']"`` or a 2-sequence."""
     if qtype is None:
         return None
@@ -309,7 +310,7 @@ def avqa_accuracy(records: Sequence[Any]) -> dict[str, Any]:
     for i, r in enumerate(records):
         ok = _is_correct(r, i)
         n_correct += ok
-        parsed = _parse_avqa_type(_get(r, "question_type"))
+        parsed = parse_avqa_type(_get(r, "question_type"))
         if parsed is not None:
             key = f"{parsed[0]}/{parsed[1]}"
             count[key] += 1
@@ -345,7 +346,7 @@ def temporal_accuracy(records: Sequence[Any]) -> float | None:
     hits = [
         _is_correct(r, i)
         for i, r in enumerate(records)
-        if (p := _parse_avqa_type(_get(r, "question_type"))) is not None and p[1] == "Temporal"
+        if (p := parse_avqa_type(_get(r, "question_type"))) is not None and p[1] == "Temporal"
     ]
     return sum(hits) / len(hits) if hits else None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
 from matplotlib.figure import Figure
 
 __all__ = ["RunLog", "read_run_log", "write_report", "main"]
@@ -31,10 +33,18 @@ _KEY_METRICS: tuple[tuple[str, str], ...] = (
     ("avqa_accuracy", "AVQA accuracy"),
     ("avqa_chance_accuracy", "AVQA chance accuracy"),
     ("audio_masked_avqa_accuracy", "AVQA accuracy, audio masked"),
+    ("audio_shuffled_avqa_accuracy", "AVQA accuracy, audio shuffled"),
+    ("avqa_majority_accuracy", "AVQA majority-answer accuracy"),
+    ("feature_similarity", "Feature similarity (SAFE vs original)"),
+    ("eval_samples", "Questions evaluated / skipped"),
+    ("phase_starts", "Phase starts"),
     ("skipped_samples", "Skipped samples"),
 )
 _CARDS = ("vl_retention", "safe_vqa_accuracy", "avqa_accuracy", "audio_masked_avqa_accuracy")
-_RETENTION_TARGET = 0.95  # spec: keep >= 95 % of the original VL performance
+_RETENTION_TARGET = 0.95  # spec: keep >= 95 % of the original VL performance (curriculum.retention_threshold wins)
+_CARD_N = {"vl_retention": "vqa", "safe_vqa_accuracy": "vqa", "avqa_accuracy": "avqa",
+           "audio_masked_avqa_accuracy": "avqa"}  # which eval_samples count a card's value is over
+_DASH = "—"  # a value the run does not have (older runs lack the baseline keys)
 _SCENARIO_COLOURS = {"Audio": "#4C72B0", "Visual": "#55A868", "Audio-Visual": "#C44E52", "AV": "#C44E52"}
 _PHASE_COLOUR, _STAGE_COLOUR, _WEIGHT_COLOUR = "#444444", "#DD8452", "#8172B3"
 
@@ -94,6 +104,58 @@ def _read_summary(path: Path) -> tuple[dict[str, Any], str | None]:
     if not isinstance(data, dict):
         return {}, "metrics.json is not a JSON object"
     return data, None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The run's resolved ``config.yaml`` as a dict; ``{}`` when missing or unreadable (the report goes on)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _dig(d: Any, *path: str) -> Any:
+    """``d[path[0]][path[1]]...``, ``None`` where any level is missing or not a mapping."""
+    for key in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def _wilson(p: Any, n: Any, z: float = 1.96) -> tuple[float, float] | None:
+    """Wilson score 95 % interval of a proportion ``p`` over ``n`` questions (``None`` without both)."""
+    if not (_is_number(p) and _is_number(n)) or n <= 0 or not 0 <= p <= 1:
+        return None
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _eval_n(summary: dict[str, Any], kind: str) -> int | None:
+    """Questions the final evaluation scored for ``kind`` (``"vqa"``/``"avqa"``), from ``eval_samples``."""
+    n = _dig(summary, "eval_samples", kind, "evaluated")
+    return int(n) if _is_number(n) else None
+
+
+def _retention_target(config: dict[str, Any]) -> float:
+    t = _dig(config, "curriculum", "retention_threshold")
+    return float(t) if _is_number(t) else _RETENTION_TARGET
+
+
+def _phases(config: dict[str, Any]) -> list[dict[str, Any]]:
+    phases = _dig(config, "train", "phases")
+    return [p for p in phases if isinstance(p, dict)] if isinstance(phases, list) else []
+
+
+def _trains_base(phase: dict[str, Any]) -> bool:
+    """Whether a phase changes anything inside the base VL model (LoRA, the ``base`` group, an unfrozen module)."""
+    parts = phase.get("train") if isinstance(phase.get("train"), list) else []
+    return bool(phase.get("unfreeze")) or any(p in ("base", "lora") for p in parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,35 +252,63 @@ def _line_plot(
     markers: bool = False,
     log_ok: bool = True,
     weights: bool = False,
+    hlines: Sequence[tuple[float, str]] = (),
+    from_zero: bool = False,
 ) -> bool:
+    """A time-series figure; ``hlines``: labelled horizontal reference lines (value, label); ``from_zero``: the
+    y axis runs from 0 (or below, to show a line) to a little above the largest value or line."""
     curves = {k: v for k, v in curves.items() if v[0]}
     if not curves:
         return False
     fig, ax = _new_axes(title, ylabel)
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, label=label, linewidth=1.4, marker="o" if markers or len(xs) == 1 else None, markersize=3.5)
+    values = [y for _, ys in curves.values() for y in ys]
     if log_ok:
-        _maybe_log_scale(ax, [y for _, ys in curves.values() for y in ys])
+        _maybe_log_scale(ax, values + [y for y, _ in hlines if y > 0])
+    for y, label in hlines:
+        ax.axhline(y, color="#cf222e", linestyle="--", linewidth=1.1, alpha=0.9, zorder=1.5, label=label)
+    if from_zero:
+        everything = values + [y for y, _ in hlines]
+        low, high = min(0.0, *everything), max(everything)
+        ax.set_ylim(low, high + 0.06 * max(high - low, 1e-9))
     _mark_events(ax, events, weights=weights)
     ax.set_xlabel("step")
-    if len(curves) > 1:
+    if len(curves) > 1 or hlines:
         ax.legend(fontsize=8, frameon=False, loc="best")
     fig.savefig(path)
     return True
 
 
-def _by_type_values(summary: dict[str, Any]) -> dict[str, float]:
-    """AVQA accuracy per type from metrics.json (the final evaluation; eval records during training hold no
-    per-type accuracy)."""
-    raw = summary.get("avqa_accuracy_by_type")
+def _table_of(raw: Any) -> dict[str, float]:
+    """A per-type dict of metrics.json as ``{type: number}``; the full avqa_accuracy() result may have been stored:
+    its official ``table`` (or ``by_type``) is used then. Non-numbers (a type without questions) are left out."""
     if not isinstance(raw, dict):
         return {}
-    # The full avqa_accuracy() result may have been stored: use its official table.
     if isinstance(raw.get("table"), dict):
         raw = raw["table"]
     elif isinstance(raw.get("by_type"), dict):
         raw = raw["by_type"]
     return {str(k): float(v) for k, v in raw.items() if _is_number(v)}
+
+
+def _by_type_values(summary: dict[str, Any]) -> dict[str, float]:
+    """AVQA accuracy per type from metrics.json (the final evaluation; eval records during training hold no
+    per-type accuracy)."""
+    return _table_of(summary.get("avqa_accuracy_by_type"))
+
+
+# Per-type columns of metrics.json besides SAFE's accuracy (older runs have none of them).
+_BY_TYPE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("audio_masked_avqa_accuracy_by_type", "audio removed"),
+    ("audio_shuffled_avqa_accuracy_by_type", "audio shuffled"),
+    ("avqa_chance_by_type", "chance"),
+    ("avqa_majority_by_type", "majority"),
+)
+
+
+def _n_by_type(summary: dict[str, Any]) -> dict[str, int]:
+    return {k: int(v) for k, v in _table_of(summary.get("avqa_n_by_type")).items()}
 
 
 def _scenario_of(label: str) -> str:
@@ -227,43 +317,46 @@ def _scenario_of(label: str) -> str:
 
 
 def _bar_plot(path: Path, values: dict[str, float], summary: dict[str, Any]) -> bool:
+    """SAFE's accuracy per type, Wilson 95 % CI whiskers and the type's own chance / majority as ticks on each
+    bar (where the run stored them; an older run gets one overall chance line, said so in its label)."""
     if not values:
         return False
     labels = list(values)
     height = [values[k] for k in labels]
-    fig, ax = _new_axes("AVQA accuracy per question type", "accuracy", size=(7.2, 3.8))
+    ns = _n_by_type(summary)
+    chance = _table_of(summary.get("avqa_chance_by_type"))
+    major = _table_of(summary.get("avqa_majority_by_type"))
+    fig, ax = _new_axes("AVQA accuracy per question type", "accuracy", size=(8.4, 4.4))
     colours = [_SCENARIO_COLOURS.get(_scenario_of(k), "#8C8C8C") for k in labels]
     is_avg = ["avg" in k.lower() or k.lower() == "overall" for k in labels]
-    bars = ax.bar(
-        range(len(labels)),
-        height,
-        color=colours,
-        edgecolor="#333333",
-        linewidth=[1.2 if a else 0 for a in is_avg],
-        alpha=0.9,
-        zorder=2,
-    )
-    for rect, v in zip(bars, height):
-        ax.annotate(
-            f"{v:.2f}",
-            (rect.get_x() + rect.get_width() / 2, v),
-            xytext=(0, 2),
-            textcoords="offset points",
-            ha="center",
-            fontsize=7,
-        )
-    ax.set_xticks(
-        range(len(labels)), [k.replace("Audio-Visual/", "AV/") for k in labels], rotation=35, ha="right", fontsize=8
-    )
-    for key, label, style in (("avqa_chance_accuracy", "chance", ":"), ("avqa_accuracy", "overall", "--")):
-        if _is_number(summary.get(key)):
-            ax.axhline(
-                summary[key], color="#333333", linestyle=style, linewidth=1.0, label=f"{label} {summary[key]:.2f}"
-            )
+    xs = list(range(len(labels)))
+    ax.bar(xs, height, color=colours, edgecolor="#333333", linewidth=[1.2 if a else 0 for a in is_avg],
+           alpha=0.85, zorder=2)
+    cis = [_wilson(v, ns.get(k)) for k, v in zip(labels, height)]
+    with_ci = [i for i, ci in enumerate(cis) if ci is not None]
+    if with_ci:
+        ax.errorbar([xs[i] for i in with_ci], [height[i] for i in with_ci],
+                    yerr=[[height[i] - cis[i][0] for i in with_ci], [cis[i][1] - height[i] for i in with_ci]],
+                    fmt="none", ecolor="#333333", elinewidth=1.0, capsize=3, zorder=3, label="Wilson 95% CI")
+    for x, k, v, ci in zip(xs, labels, height, cis):
+        ax.annotate(f"{v:.2f}", (x, ci[1] if ci else v), xytext=(0, 2), textcoords="offset points", ha="center",
+                    fontsize=7, zorder=4)
+    for table, label, style, colour in ((chance, "chance (type's own)", "-", "#000000"),
+                                        (major, "majority (type's own)", (0, (2, 1)), "#777777")):
+        points = [(x, table[k]) for x, k in zip(xs, labels) if k in table]
+        if points:
+            ax.hlines([y for _, y in points], [x - 0.42 for x, _ in points], [x + 0.42 for x, _ in points],
+                      colors=colour, linestyles=style, linewidth=2.0, zorder=4, label=label)
+    if not chance and _is_number(summary.get("avqa_chance_accuracy")):
+        v = summary["avqa_chance_accuracy"]
+        ax.axhline(v, color="#333333", linestyle=":", linewidth=1.0,
+                   label=f"overall chance {v:.2f} (no per-type chance)")
+    ticks = [k.replace("Audio-Visual/", "AV/") + (f"\nn={ns[k]}" if k in ns else "") for k in labels]
+    ax.set_xticks(xs, ticks, rotation=40, ha="right", fontsize=7.5)
     if max(height) <= 1.0:
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.2)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, frameon=False, loc="upper right")
+        ax.legend(fontsize=7.5, frameon=False, loc="upper center", ncols=4, bbox_to_anchor=(0.5, 1.0))
     fig.savefig(path)
     return True
 
@@ -309,29 +402,72 @@ _LINE_PLOTS = (
               _sorted_first("eval/", "eval/vl_retention"), "eval/", from_evals=True, log_ok=False, markers=True),
     _LinePlot("grad_norm.png", "Gradient norm", "norm", "Global gradient norm.", lambda r: _keys(r, "grad_norm")),
     _LinePlot("learning_rates.png", "Learning rates", "lr", "Learning rate per parameter group.", _lr_keys, "lr/"),
-    _LinePlot("param_drift.png", "Parameter drift", "drift", "Distance of the trainable weights from their start.",
+    _LinePlot("param_drift.png", "Parameter drift", "L2 distance",
+              "L2 distance of the anchored base parameters (the base modules a phase unfreezes) from their "
+              "original values, over all of them together; 0 while no base module is unfrozen. LoRA weights, "
+              "projector and fusion are not included.",
               lambda r: _keys(r, "param_drift"), log_ok=False),
     _LinePlot("throughput.png", "Throughput", "samples / s", "Training samples per second.",
               lambda r: _keys(r, "samples_per_s"), log_ok=False),
-    _LinePlot("memory.png", "Peak memory", "MB", "Peak accelerator memory.",
+    _LinePlot("memory.png", "Peak memory", "MB",
+              "Peak memory so far (a running maximum): on a GPU torch.cuda.max_memory_allocated (tensors only); "
+              "on CPU the process's peak resident set size (ru_maxrss: everything the process holds, libraries "
+              "and data included).",
               lambda r: _keys(r, "peak_memory_mb"), log_ok=False),
 )  # fmt: skip
-_BAR_CAPTION = "Colour by scenario (blue audio, green visual, red audio-visual); outlined bars are pooled averages."
+_BAR_CAPTION = (
+    "SAFE's accuracy per question type on the final evaluation (exact match); whiskers: Wilson 95% CI over the "
+    "type's n questions (in the tick label). Black ticks: the type's own chance (uniform guess among the answers "
+    "seen for the type in training), grey dashed ticks: its majority answer. Colour by scenario (blue audio, green "
+    "visual, red audio-visual); outlined bars are pooled averages (per question)."
+)
 
 
-def _make_plots(run_dir: Path, log: RunLog, summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+def _retention_caption(config: dict[str, Any]) -> str:
+    n = _dig(config, "curriculum", "eval_samples")
+    split = _dig(config, "data", "eval_split")
+    subset = f"the first {n}" if _is_number(n) else "a held-out subset of"
+    parts = [
+        f"Evaluations during training, on the {split or 'evaluation'} split. vl_retention: SAFE's VQA accuracy over "
+        f"the original model's, on {subset} VQA evaluation questions (those whose image loads); "
+        f"stage_audio_accuracy: exact-match accuracy on up to {n if _is_number(n) else 'N'} audio-dependent AVQA "
+        "evaluation questions of the current stage's difficulties. Dashed red line: the retention target."
+    ]
+    frozen = [f"phase {i} ({p.get('name', '?')})" for i, p in enumerate(_phases(config), 1) if not _trains_base(p)]
+    if frozen:
+        parts.append(
+            f"While nothing in the base model trains ({', '.join(frozen)}), retention is 1 by construction: VQA "
+            "inputs carry no audio, so SAFE answers exactly as the original model."
+        )
+    parts.append(_PHASES + ".")
+    return " ".join(parts)
+
+
+def _make_plots(run_dir: Path, log: RunLog, summary: dict[str, Any],
+                config: dict[str, Any] | None = None) -> list[tuple[str, str, str]]:
     """Draw every plot that has data. Returns (file name, title, caption) per plot drawn."""
+    config = config or {}
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     for stale in plots_dir.glob("*.png"):  # a rerun must not show plots whose data vanished
         stale.unlink()
+    target = _retention_target(config)
+    clip = _dig(config, "train", "optim", "grad_clip")
+    extras: dict[str, dict[str, Any]] = {
+        "retention.png": dict(hlines=[(target, f"retention target {target:g}")], from_zero=True),
+        "grad_norm.png": dict(hlines=[(float(clip), f"clip at {clip:g}")] if _is_number(clip) and clip > 0 else []),
+    }
+    captions = {"retention.png": _retention_caption(config)}
+    if extras["grad_norm.png"]["hlines"]:
+        captions["grad_norm.png"] = (f"Global gradient norm before clipping; dashed red line: the clip value "
+                                     f"(train.optim.grad_clip = {clip:g}). {_PHASES}.")
     drawn = []
     for spec in _LINE_PLOTS:
         records = log.evals if spec.from_evals else log.steps
         curves = {k.removeprefix(spec.strip): _series(records, k) for k in spec.keys(records)}
-        kwargs = dict(markers=spec.markers, log_ok=spec.log_ok, weights=spec.weights)
+        kwargs = dict(markers=spec.markers, log_ok=spec.log_ok, weights=spec.weights, **extras.get(spec.name, {}))
         if _line_plot(plots_dir / spec.name, spec.title, spec.ylabel, curves, log.events, **kwargs):
-            drawn.append((spec.name, spec.title, spec.caption))
+            drawn.append((spec.name, spec.title, captions.get(spec.name, spec.caption)))
         if spec.name == "retention.png" and _bar_plot(
             plots_dir / "avqa_by_type.png", _by_type_values(summary), summary
         ):
@@ -375,6 +511,7 @@ figcaption { color: var(--muted); font-size: 12px; margin-top: 6px; }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; background: var(--bg);
          border: 1px solid var(--line); }
 details summary { cursor: pointer; color: var(--accent); }
+table.baseline, table.by-type { width: auto; } dl.defs dd { margin: 0 0 6px 16px; color: var(--fg); }
 footer { color: var(--muted); font-size: 12px; margin-top: 36px; }
 """
 
@@ -387,10 +524,20 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return str(v)
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
+        if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e6):
             return f"{v:.3e}"
-        return f"{v:,.4f}".rstrip("0").rstrip(".") if abs(v) < 1000 else f"{v:,.1f}"
+        # a fixed 3 decimals (fractions, losses, weights alike), so values in a column or a row compare
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:,.1f}"
     return str(v)
+
+
+def _frac(v: Any) -> str:
+    """A fraction with a fixed 3 decimals; the dash for a value the run does not have."""
+    return f"{float(v):.3f}" if _is_number(v) else _DASH
+
+
+def _ci_text(ci: tuple[float, float] | None) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
 def _esc(v: Any) -> str:
@@ -411,39 +558,104 @@ def _value_cell(v: Any) -> str:
     return f"<td>{_esc(v)}</td>"
 
 
-def _cards_html(summary: dict[str, Any]) -> str:
+def _cards_html(summary: dict[str, Any], config: dict[str, Any] | None = None) -> str:
+    """Headline numbers with the number of questions behind them and, for accuracies, a Wilson 95 % CI."""
     labels = dict(_KEY_METRICS)
+    target = _retention_target(config or {})
     cards = []
     for key in _CARDS:
         v = summary.get(key)
         if not _is_number(v):
             continue
-        note = ""
-        if key == "vl_retention" and 0 <= v <= 1.5:
-            ok = v >= _RETENTION_TARGET
-            verdict = "met" if ok else "missed"
-            note = f'<div class="note {"ok" if ok else "bad"}">target ≥ {_RETENTION_TARGET:.2f}: {verdict}</div>'
+        n = _eval_n(summary, _CARD_N[key])
+        notes = []
+        if key == "vl_retention":
+            if n is not None:
+                notes.append(f'<div class="note muted">n = {n:,} VQA questions</div>')
+            if 0 <= v <= 1.5:
+                ok = v >= target
+                verdict = f"{'met' if ok else 'missed'} (point estimate)"
+                notes.append(f'<div class="note {"ok" if ok else "bad"}">target ≥ {target:.2f}: {verdict}</div>')
+            ci = _wilson(summary.get("safe_vqa_accuracy"), n)
+            orig = summary.get("original_vqa_accuracy")
+            if ci and _is_number(orig) and orig > 0:
+                notes.append(f'<div class="note muted">SAFE VQA 95% CI ÷ original: {ci[0] / orig:.3f}–'
+                             f"{ci[1] / orig:.3f} (original taken as exact)</div>")
+        elif n is not None:
+            ci = _wilson(v, n)
+            approx = " (approx. for the soft VQA score)" if key == "safe_vqa_accuracy" else ""
+            notes.append(f'<div class="note muted">n = {n:,} · Wilson 95% CI {_ci_text(ci)}{approx}</div>')
+        else:
+            notes.append('<div class="note muted">n unknown (no eval_samples in metrics.json)</div>')
         cards.append(
             f'<div class="card"><div class="label">{_esc(labels[key])}</div>'
-            f'<div class="value">{_esc(_fmt(float(v)))}</div>{note}</div>'
+            f'<div class="value">{_esc(_frac(v))}</div>{"".join(notes)}</div>'
         )
     return f'<div class="cards">{"".join(cards)}</div>' if cards else ""
 
 
-def _summary_html(summary: dict[str, Any], problem: str | None) -> str:
+def _baseline_html(summary: dict[str, Any]) -> str:
+    """AVQA: SAFE against its own audio ablations and the answer-prior baselines, on the same questions."""
+    rows_spec = (
+        ("All AVQA questions", "avqa_accuracy", "audio_masked_avqa_accuracy", "audio_shuffled_avqa_accuracy",
+         "avqa_chance_accuracy", "avqa_majority_accuracy"),
+        ("Audio-dependent (Audio, Audio-Visual)", "audio_dependent_accuracy", "audio_masked_audio_dependent_accuracy",
+         "audio_shuffled_audio_dependent_accuracy", "audio_dependent_chance_accuracy",
+         "audio_dependent_majority_accuracy"),
+    )
+    if not any(_is_number(summary.get(k)) for row in rows_spec for k in row[1:]):
+        return ""
+    ns = _n_by_type(summary)
+    dep_n = ns["Audio (avg)"] + ns["AV (avg)"] if "Audio (avg)" in ns and "AV (avg)" in ns else None
+    row_n = (_eval_n(summary, "avqa"), dep_n)
+    rows = []
+    for (label, *keys), n in zip(rows_spec, row_n):
+        safe = summary.get(keys[0])
+        ci = _ci_text(_wilson(safe, n))
+        cells = [f"<td class='num'>{_esc(_frac(safe))} <span class='muted'>{_esc(ci)}</span></td>"]
+        cells += [f"<td class='num'>{_esc(_frac(summary.get(k)))}</td>" for k in keys[1:]]
+        cells.append(f"<td class='num'>{_esc(f'{n:,}' if n is not None else _DASH)}</td>")
+        rows.append(f"<tr><td>{_esc(label)}</td>{''.join(cells)}</tr>")
+    head = ("<tr><th>AVQA questions</th><th>SAFE [Wilson 95% CI]</th><th>audio removed</th><th>audio shuffled</th>"
+            "<th>chance</th><th>majority</th><th>n</th></tr>")
+    note = ("<p class='muted'>All columns are scored on the same loaded questions. Audio removed: the audio tokens "
+            "are dropped; audio shuffled: every question gets another video's clip; chance / majority: see the "
+            "definitions below.</p>")
+    return f"<table class='baseline'>{head}{''.join(rows)}</table>{note}"
+
+
+def _summary_html(summary: dict[str, Any], problem: str | None, config: dict[str, Any] | None = None) -> str:
     if problem:
         return f'<p class="bad">{_esc(problem)}</p>'
     if not summary:
         return '<p class="muted">No <code>metrics.json</code> in this run (training not finished?).</p>'
     rows = []
     labels = dict(_KEY_METRICS)
-    ordered = [k for k, _ in _KEY_METRICS if k in summary] + sorted(k for k in summary if k not in labels)
+    # the per-type dicts are the per-type table's columns (below the plots), not repeated here
+    shown = {k: v for k, v in summary.items() if not (k.endswith("_by_type") and _table_of(v))}
+    ordered = [k for k, _ in _KEY_METRICS if k in shown] + sorted(k for k in shown if k not in labels)
     for key in ordered:
         label = labels.get(key, key)
-        rows.append(
-            f"<tr><td>{_esc(label)}<br><code class='muted'>{_esc(key)}</code></td>{_value_cell(summary[key])}</tr>"
-        )
+        value = summary[key]
+        cell = _phase_starts_cell(value, config or {}) if key == "phase_starts" else _value_cell(value)
+        rows.append(f"<tr><td>{_esc(label)}<br><code class='muted'>{_esc(key)}</code></td>{cell}</tr>")
     return f"<table class='kv'><tr><th>Metric</th><th>Value</th></tr>{''.join(rows)}</table>"
+
+
+def _phase_starts_cell(value: Any, config: dict[str, Any]) -> str:
+    """``phase_starts`` is stored with 0-based phase indices; shown 1-based with the phase names, as elsewhere."""
+    if not isinstance(value, dict):
+        return _value_cell(value)
+    names = [p.get("name") for p in _phases(config)]
+    lines = []
+    for key, step in value.items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            return _value_cell(value)
+        name = names[index] if 0 <= index < len(names) and names[index] else None
+        lines.append(f"phase {index + 1}{f' ({name})' if name else ''}: step {_fmt(step)}")
+    return f"<td>{'<br>'.join(_esc(x) for x in lines)}</td>"
 
 
 def _training_html(log: RunLog) -> str:
@@ -494,15 +706,135 @@ def _events_html(events: Sequence[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def _by_type_table(values: dict[str, float]) -> str:
+def _by_type_table(summary: dict[str, Any]) -> str:
+    """Per type: n, SAFE (with its Wilson 95 % CI), audio removed, audio shuffled, chance, majority."""
+    values = _by_type_values(summary)
     if not values:
         return ""
-    rows = "".join(f"<tr><td>{_esc(k)}</td><td class='num'>{_esc(_fmt(v))}</td></tr>" for k, v in values.items())
-    head = "<tr><th>Type</th><th>Accuracy</th></tr>"
-    return f"<details><summary>AVQA accuracy per type as a table</summary><table>{head}{rows}</table></details>"
+    ns = _n_by_type(summary)
+    columns = [_table_of(summary.get(key)) for key, _ in _BY_TYPE_COLUMNS]
+    rows = []
+    for k, v in values.items():
+        n = ns.get(k)
+        ci = _ci_text(_wilson(v, n))
+        cells = [f"<td class='num'>{_esc(f'{n:,}' if n is not None else _DASH)}</td>",
+                 f"<td class='num'>{_esc(_frac(v))} <span class='muted'>{_esc(ci)}</span></td>"]
+        cells += [f"<td class='num'>{_esc(_frac(col.get(k)))}</td>" for col in columns]
+        rows.append(f"<tr><td>{_esc(k)}</td>{''.join(cells)}</tr>")
+    head = ("<tr><th>Type</th><th>n</th><th>SAFE [Wilson 95% CI]</th>"
+            + "".join(f"<th>{_esc(label)}</th>" for _, label in _BY_TYPE_COLUMNS) + "</tr>")
+    missing = "" if all(columns) else (f"<p class='muted'>{_DASH}: not in this run's metrics.json (written by an "
+                                       "older version, or no such questions).</p>")
+    return f"<h2>AVQA per question type</h2><table class='by-type'>{head}{''.join(rows)}</table>{missing}"
 
 
-def _render(run_dir: Path, log: RunLog, summary: dict[str, Any], problem: str | None, plots) -> str:
+def _adapter_params(path: Path) -> dict[str, int] | None:
+    """Parameter counts of ``adapter.safetensors`` per part, from the file's header alone (shapes; no tensor is
+    read, no model built): ``None`` when the file is missing or not a readable safetensors file."""
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if not 0 < size < 100 * 2**20:
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    parts: dict[str, int] = {}
+    for name, info in header.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if name == "__metadata__" or not isinstance(shape, list):
+            continue
+        if "lora_" in name:
+            part = "LoRA"
+        elif name.startswith("base."):
+            part = "unfrozen base modules"
+        else:
+            part = name.split(".")[0]
+        parts[part] = parts.get(part, 0) + math.prod(int(d) for d in shape)
+    return parts
+
+
+def _setup_html(run_dir: Path, config: dict[str, Any] | None = None) -> str:
+    """What was trained on what: models, data, evaluation split, phases (config.yaml), adapter size."""
+    config = _read_config(run_dir / "config.yaml") if config is None else config
+    parts = []
+    if config:
+        synthetic = _dig(config, "data", "synthetic")
+        root = _dig(config, "data", "root")
+        split = _dig(config, "data", "eval_split")
+        facts = [
+            ("Base VL model (model.base)", _dig(config, "model", "base")),
+            ("Audio encoder (model.audio_encoder)", _dig(config, "model", "audio_encoder")),
+            ("Data root (data.root)", f"{root} ({'synthetic data' if synthetic else 'real data'})"
+             if synthetic is not None else root),
+            ("Evaluation split (data.eval_split)", split),
+        ]
+        cells = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v if v is not None else _DASH)}</td></tr>" for k, v in facts)
+        parts.append(f"<table class='kv'>{cells}</table>")
+        parts.append(
+            f"<p>The final metrics (metrics.json, the cards and tables) are measured on the "
+            f"<code>{_esc(split or '?')}</code> split: the same split the curriculum's stage evaluations "
+            "(retention, stage audio accuracy) used during training to decide stage changes. They are not "
+            "an untouched test set.</p>"
+        )
+        rows = []
+        for i, ph in enumerate(_phases(config), 1):
+            def listed(v):
+                return ", ".join(str(x) for x in v) if isinstance(v, list) and v else _DASH
+            ds = ph.get("datasets")
+            datasets = ", ".join(f"{k} {_fmt(w)}" for k, w in ds.items()) if isinstance(ds, dict) and ds else _DASH
+            steps = ph.get("max_steps")
+            rows.append(
+                f"<tr><td class='num'>{i}</td><td>{_esc(ph.get('name', _DASH))}</td><td>{_esc(listed(ph.get('train')))}"
+                f"</td><td>{_esc(listed(ph.get('unfreeze')))}</td><td>{_esc(datasets)}</td>"
+                f"<td class='num'>{_esc(_fmt(steps) if steps is not None else _DASH)}</td>"
+                f"<td>{_esc(_fmt(bool(ph.get('curriculum'))))}</td></tr>"
+            )
+        if rows:
+            head = ("<tr><th>Phase</th><th>Name</th><th>Trains</th><th>Unfrozen base modules</th>"
+                    "<th>Datasets (weight)</th><th>max_steps</th><th>Curriculum</th></tr>")
+            parts.append(f"<table>{head}{''.join(rows)}</table>")
+    else:
+        parts.append('<p class="muted">No readable <code>config.yaml</code> in this run.</p>')
+    counts = _adapter_params(run_dir / "adapter" / "adapter.safetensors")
+    if counts:
+        detail = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+        parts.append(f"<p>Adapter (<code>adapter/adapter.safetensors</code>): {sum(counts.values()):,} parameters "
+                     f"({_esc(detail)}).</p>")
+    elif (run_dir / "adapter").exists():
+        parts.append('<p class="muted">adapter/adapter.safetensors missing or unreadable.</p>')
+    return "".join(parts)
+
+
+def _definitions_html(config: dict[str, Any]) -> str:
+    n = _dig(config, "curriculum", "eval_samples")
+    items = (
+        ("VQA accuracy", "the official VQA v2 soft score of each answer, min(#matching references / 3, 1) "
+         "averaged over the 10 leave-one-reference-out subsets, averaged over the questions."),
+        ("VL retention", "SAFE's VQA accuracy / the original VL model's, on the same questions (final: every loaded "
+         f"VQA evaluation question; during training: the first {n if _is_number(n) else 'N'} of them)."),
+        ("Feature similarity", "cosine similarity of SAFE's (audio off) and the original model's last hidden "
+         "states for the same VQA inputs, averaged over the non-padding token positions of each batch of 16 and "
+         "then over batches, on the first 64 loaded VQA evaluation questions, in eval mode."),
+        ("AVQA accuracy", "exact match of the normalised answer (lower case, punctuation removed); groups "
+         "(avg, Overall) pool the questions, as the official MUSIC-AVQA table."),
+        ("Audio removed / shuffled", "the same questions with the audio tokens dropped / with another video's "
+         "clip."),
+        ("Chance / majority", "from the training answers of the same question type: chance = expected accuracy of "
+         "a uniform guess among the answers seen for the type (0 when the right answer was never seen); majority "
+         "= accuracy of always giving the type's most frequent answer."),
+        ("Wilson 95% CI", "score interval of a proportion over n questions (for the soft VQA score an "
+         "approximation)."),
+    )
+    body = "".join(f"<dt><b>{_esc(k)}</b></dt><dd>{_esc(v)}</dd>" for k, v in items)
+    return f"<h2>Metric definitions</h2><dl class='defs'>{body}</dl>"
+
+
+def _render(run_dir: Path, log: RunLog, summary: dict[str, Any], problem: str | None, plots,
+            config: dict[str, Any] | None = None) -> str:
+    config = config or {}
     when = datetime.now().strftime("%Y-%m-%d %H:%M")
     has_config = (run_dir / "config.yaml").is_file()
     config_link = ' · <a style="color:#c9d1d9" href="config.yaml">config.yaml</a>' if has_config else ""
@@ -528,16 +860,20 @@ def _render(run_dir: Path, log: RunLog, summary: dict[str, Any], problem: str | 
 <div class="meta">Generated {_esc(when)} from <code>metrics.jsonl</code> and <code>metrics.json</code>{config_link}
 </div></header>
 <main>
-{_cards_html(summary)}
+{_cards_html(summary, config)}
+<h2>Setup</h2>
+{_setup_html(run_dir, config)}
 <h2>Summary (metrics.json)</h2>
-{_summary_html(summary, problem)}
+{_baseline_html(summary)}
+{_summary_html(summary, problem, config)}
 <h2>Training log</h2>
 {_training_html(log)}
 <h2>Phase, stage and weight changes</h2>
 {_events_html(log.events)}
 <h2>Plots</h2>
 {plots_html}
-{_by_type_table(_by_type_values(summary))}
+{_by_type_table(summary)}
+{_definitions_html(config)}
 <footer>Metric definitions: docs/metrics.md · safe_av.eval.report</footer>
 </main>
 </body>
@@ -563,9 +899,10 @@ def write_report(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
     log = read_run_log(run_dir / "metrics.jsonl")
     summary, problem = _read_summary(run_dir / "metrics.json")
-    plots = _make_plots(run_dir, log, summary)
+    config = _read_config(run_dir / "config.yaml")
+    plots = _make_plots(run_dir, log, summary, config)
     out = run_dir / "report.html"
-    out.write_text(_render(run_dir, log, summary, problem, plots), encoding="utf-8")
+    out.write_text(_render(run_dir, log, summary, problem, plots, config), encoding="utf-8")
     return out
 
 
