@@ -35,6 +35,20 @@ def test_run_writes_metrics_report_adapter(full_run):
     events = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"event"' in l]
     assert [e["phase"] for e in events if e["event"] == "phase_start"] == [1, 2, 3]
     assert all(e["reason"] for e in events)
+    # the final evaluation's records: one per question and condition, the metrics recomputable from them
+    preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    by = {}
+    for p in preds:
+        by.setdefault((p["set"], p["condition"]), []).append(p)
+    assert set(by) == {("vqa", "safe"), ("avqa", "safe"), ("avqa", "audio_removed"), ("avqa", "audio_shuffled")}
+    assert len(by[("vqa", "safe")]) == metrics["eval_samples"]["vqa"]["evaluated"]
+    assert all(len(by[("avqa", c)]) == metrics["eval_samples"]["avqa"]["evaluated"]
+               for c in ("safe", "audio_removed", "audio_shuffled"))
+    vqa = by[("vqa", "safe")]
+    assert sum(p["score"] for p in vqa) / len(vqa) == pytest.approx(metrics["safe_vqa_accuracy"])
+    for condition, key in (("safe", "avqa_accuracy"), ("audio_removed", "audio_masked_avqa_accuracy")):
+        recs = by[("avqa", condition)]
+        assert sum(p["correct"] for p in recs) / len(recs) == pytest.approx(metrics[key])
 
 
 def test_exact_resume_after_kill_mid_epoch_with_accumulation(full_run):

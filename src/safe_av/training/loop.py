@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from safe_av.config import ConfigError, PhaseConfig, SAFEConfig, config_to_yaml, to_dict
 from safe_av.data.text import SAFEProcessor, move_batch
 from safe_av.eval import evaluate as ev
+from safe_av.eval.metrics import vqa_accuracy
 from safe_av.flops import mfu, peak_flops, training_flops_per_step
 from safe_av.models.build import build_audio_encoder, build_base, build_safe_model
 from safe_av.models.presets import TINY_BASES
@@ -771,13 +772,17 @@ class Trainer:
             self.model.save_pretrained(self.out / "adapter", extra_config={
                 "base": self.cfg.model.base, "audio_encoder": self.cfg.model.audio_encoder, **self._locations(),
                 "model": to_dict(self.cfg.model)})
-        metrics = evaluate_run(self)
+        predictions: list = []
+        metrics = evaluate_run(self, predictions)
         metrics.update(curriculum_stages=self._stage_starts(), skipped_samples=st.skipped_samples,
                        skipped_steps=st.skipped_steps, truncated_audio=st.truncated_audio,
                        bad_annotations=self.bad_annotations, steps=st.global_step,
                        phase_starts=st.phase_starts, train_seconds=round(time.time() - self.t0, 1))
         if self.main:
             (self.out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
+            with open(self.out / PREDICTIONS_FILE, "w") as f:  # per question: for error analysis and bootstrap CIs
+                for set_name, condition, r in predictions:
+                    f.write(json.dumps(dict(set=set_name, condition=condition, **r), default=str) + "\n")
             try:
                 from safe_av.eval.report import write_report
 
@@ -791,13 +796,22 @@ class Trainer:
         return dict(self.curriculum.stage_start_steps) if self.curriculum is not None else {}
 
 
-def evaluate_run(trainer: Trainer) -> dict:
-    """The metrics ``metrics.json`` promises (see docs/interfaces.md)."""
+def evaluate_run(trainer: Trainer, predictions: list | None = None) -> dict:
+    """The metrics ``metrics.json`` promises (see docs/interfaces.md). Each record behind them (one per question
+    and condition) is appended to ``predictions`` as ``(set, condition, record)`` when it is given."""
     t = trainer
+
+    def keep(records, set_name, condition):
+        if predictions is not None:
+            predictions.extend((set_name, condition, r) for r in records)
+        return records
+
     out: dict = {"original_vqa_accuracy": t.state.original_vqa_accuracy}
     counts: dict = {}
     if t.vqa_eval:
-        recs = t._predict(t.vqa_eval)
+        recs = keep(t._predict(t.vqa_eval), "vqa", "safe")
+        for r in recs:
+            r["score"] = vqa_accuracy(r["prediction"], r["answers"])
         counts["vqa"] = {"evaluated": len(recs), "skipped": len(t.vqa_eval) - len(recs)}
         safe_vqa = ev.score_vqa(recs)
         out["safe_vqa_accuracy"] = safe_vqa
@@ -805,13 +819,13 @@ def evaluate_run(trainer: Trainer) -> dict:
         out["vl_retention"] = safe_vqa / orig if (orig and safe_vqa is not None) else None
         out["feature_similarity"] = ev.feature_similarity(t.model, t.processor, ev.loaded(t.vqa_eval, recs)[:64])
     if t.avqa_eval:
-        recs = t._predict(t.avqa_eval)
+        recs = keep(t._predict(t.avqa_eval), "avqa", "safe")
         # every condition and baseline on the questions whose files loaded, so they compare the same set
         kept = ev.loaded(t.avqa_eval, recs)
         counts["avqa"] = {"evaluated": len(kept), "skipped": len(t.avqa_eval) - len(kept)}
-        full = ev.score_avqa(recs)
-        masked = ev.score_avqa(t._predict(kept, use_audio=False))
-        shuffled = ev.score_avqa(t._predict(kept, shuffle_audio=True))
+        full = ev.score_avqa(recs)  # sets each record's "correct"
+        masked = ev.score_avqa(keep(t._predict(kept, use_audio=False), "avqa", "audio_removed"))
+        shuffled = ev.score_avqa(keep(t._predict(kept, shuffle_audio=True), "avqa", "audio_shuffled"))
         base = ev.chance_accuracy(t.train_corpus.of(t.cfg.data.avqa_dataset), kept)
         out.update(
             avqa_accuracy=full["overall"], avqa_accuracy_by_type=full["table"],
@@ -940,8 +954,10 @@ def train(cfg: SAFEConfig, output_dir: str | Path, *, resume: str | None = None,
 
 TRACKER_PROJECT = "safe"  # accelerate's trackers write under RUN/<project>
 # What a training run writes into its folder; `safe eval` outputs and anything else the user put there stay.
+#: the final evaluation's records, one line per question and condition (as `safe eval`'s predictions file)
+PREDICTIONS_FILE = "predictions.jsonl"
 RUN_OUTPUTS = ("metrics.jsonl", "metrics.json", "report.html", "fisher.safetensors", "checkpoints", "adapter",
-               "plots", TRACKER_PROJECT)
+               "plots", TRACKER_PROJECT, PREDICTIONS_FILE)
 
 
 #: config keys (dotted prefixes) a resume may change silently: where files are and how the run reports
