@@ -355,3 +355,26 @@ def test_malformed_config_and_new_keys_never_crash(synthetic_run: Path):
     assert "adapter.safetensors missing or unreadable" in page
     (synthetic_run / "config.yaml").write_text("{not: yaml: [")
     assert "</html>" in write_report(synthetic_run).read_text()
+
+
+def test_stage_timeline_ends_each_stage_and_says_why(tmp_path: Path):
+    """Stages from curriculum_stages, ends from the next stage (or the start of the first phase after the
+    curriculum's), audio ratios from the config, reasons from the stage events; a count of forced changes."""
+    import re
+
+    import yaml
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "train": {"phases": [{"name": "a"}, {"name": "b", "curriculum": True}, {"name": "c"}]},
+        "curriculum": {"stages": [{"name": "s1", "audio_ratio": 0.25}, {"name": "s2", "audio_ratio": 0.5}]}}))
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "curriculum_stages": {"s1": 10, "s2": 30}, "phase_starts": {"0": 0, "1": 10, "2": 50}, "steps": 80}))
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"event": "stage_change", "step": 30, "from": "s1", "to": "s2", "audio_ratio": 0.5,
+                    "reason": "audio accuracy 0.72 >= 0.70 and retention 0.99 >= 0.95"}) + "\n")
+    page = write_report(tmp_path).read_text()
+    section = page[page.index("<h2>Curriculum stages"):page.index("<h2>Phase, stage and weight changes")]
+    rows = [re.findall(r"<td>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", section)][1:]
+    assert rows == [["s1", "10", "30", "20", "0.250", "audio accuracy 0.72 &gt;= 0.70 and retention 0.99 &gt;= 0.95"],
+                    ["s2", "30", "50", "20", "0.500", "still in this stage when the curriculum&#x27;s phases ended"]]
+    assert "0 of 1 stage changes came from reaching the stage" in section

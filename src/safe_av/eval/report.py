@@ -706,6 +706,48 @@ def _events_html(events: Sequence[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
+def _stage_timeline_html(summary: dict[str, Any], events: Sequence[dict[str, Any]],
+                         config: dict[str, Any] | None = None) -> str:
+    """The curriculum's stages in order: start and end step, steps spent, audio ratio and why each one ended
+    (a met progression criterion, or ``max_steps`` reached), from ``curriculum_stages`` and the stage events."""
+    starts = summary.get("curriculum_stages")
+    if not isinstance(starts, dict) or not starts:
+        return '<p class="muted">No curriculum in this run (or no metrics.json yet).</p>'
+    try:
+        order = sorted(((int(v), str(k)) for k, v in starts.items() if _is_number(v)))
+    except (TypeError, ValueError):
+        return '<p class="muted">curriculum_stages could not be read.</p>'
+    changes = {str(e.get("from")): e for e in events if e.get("event") == "stage_change"}
+    config = config or {}
+    ratios = {str(s.get("name")): s.get("audio_ratio") for s in (_dig(config, "curriculum", "stages") or [])
+              if isinstance(s, dict)}
+    ratios.update({str(e.get("to")): e.get("audio_ratio") for e in events if e.get("event") == "stage_change"})
+    # the curriculum's phases end where the phase after the last of them starts, else at the run's last step
+    last = summary.get("steps") if _is_number(summary.get("steps")) else None
+    phases = _phases(config)
+    with_curriculum = [i for i, p in enumerate(phases) if p.get("curriculum")]
+    starts_by_phase = summary.get("phase_starts") if isinstance(summary.get("phase_starts"), dict) else {}
+    if with_curriculum and _is_number(starts_by_phase.get(str(with_curriculum[-1] + 1))):
+        last = int(starts_by_phase[str(with_curriculum[-1] + 1)])
+    rows = []
+    for i, (start, name) in enumerate(order):
+        change = changes.get(name)
+        if i + 1 < len(order):
+            end, why = order[i + 1][0], (change or {}).get("reason", "")
+        else:
+            end, why = last, "still in this stage when the curriculum's phases ended"
+        steps = end - start if _is_number(end) else None
+        rows.append(f"<tr><td>{_esc(name)}</td><td>{start}</td><td>{_esc(end if end is not None else '—')}</td>"
+                    f"<td>{_esc(steps if steps is not None else '—')}</td><td>{_esc(_fmt(ratios.get(name)))}</td>"
+                    f"<td>{_esc(why)}</td></tr>")
+    forced = sum("max_steps reached" in str((changes.get(n) or {}).get("reason", "")) for _, n in order)
+    note = (f'<p class="muted">{forced} of {len(order) - 1} stage changes came from reaching the stage\'s step limit '
+            "rather than its progression criteria (retention, audio accuracy, loss stability).</p>"
+            if len(order) > 1 else "")
+    return ("<table><tr><th>stage</th><th>start step</th><th>end step</th><th>steps</th><th>audio ratio</th>"
+            "<th>why it ended</th></tr>" + "".join(rows) + "</table>" + note)
+
+
 def _by_type_table(summary: dict[str, Any]) -> str:
     """Per type: n, SAFE (with its Wilson 95 % CI), audio removed, audio shuffled, chance, majority."""
     values = _by_type_values(summary)
@@ -868,6 +910,8 @@ def _render(run_dir: Path, log: RunLog, summary: dict[str, Any], problem: str | 
 {_summary_html(summary, problem, config)}
 <h2>Training log</h2>
 {_training_html(log)}
+<h2>Curriculum stages</h2>
+{_stage_timeline_html(summary, log.events, config)}
 <h2>Phase, stage and weight changes</h2>
 {_events_html(log.events)}
 <h2>Plots</h2>
