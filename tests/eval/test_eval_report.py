@@ -378,3 +378,20 @@ def test_stage_timeline_ends_each_stage_and_says_why(tmp_path: Path):
     assert rows == [["s1", "10", "30", "20", "0.250", "audio accuracy 0.72 &gt;= 0.70 and retention 0.99 &gt;= 0.95"],
                     ["s2", "30", "50", "20", "0.500", "still in this stage when the curriculum&#x27;s phases ended"]]
     assert "0 of 1 stage changes came from reaching the stage" in section
+
+
+def test_log_scale_choice_keeps_small_terms_visible_when_some_are_zero():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from safe_av.eval.report import _maybe_log_scale
+
+    scales = []
+    for values in ([0.0, 1e-3, 5.0], [1e-3, 5.0], [0.1, 0.5], [0.0, 0.1, 0.5], [-1.0, 1e-3, 5.0]):
+        fig, ax = plt.subplots()
+        _maybe_log_scale(ax, values)
+        scales.append(ax.get_yscale())
+        plt.close(fig)
+    assert scales == ["symlog", "log", "linear", "linear", "linear"]

@@ -237,9 +237,16 @@ def _mark_events(ax, events: Sequence[dict[str, Any]], *, weights: bool = False)
 
 
 def _maybe_log_scale(ax, values: Sequence[float]) -> None:
+    """Log scale when the positive values span more than two decades; symlog (linear below the smallest
+    positive value) when zeros are among them, so a term that is 0 in some phases (the Fisher penalty before
+    phase 3) does not force a linear axis where the small terms lie flat on zero."""
     positive = [v for v in values if v > 0]
-    if positive and len(positive) == len(values) and max(positive) / min(positive) > 100:
+    if not positive or max(positive) / min(positive) <= 100 or any(v < 0 for v in values):
+        return
+    if len(positive) == len(values):
         ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=min(positive))
 
 
 def _line_plot(
@@ -455,6 +462,7 @@ def _make_plots(run_dir: Path, log: RunLog, summary: dict[str, Any],
     clip = _dig(config, "train", "optim", "grad_clip")
     extras: dict[str, dict[str, Any]] = {
         "retention.png": dict(hlines=[(target, f"retention target {target:g}")], from_zero=True),
+        "audio_ratio.png": dict(from_zero=True),
         "grad_norm.png": dict(hlines=[(float(clip), f"clip at {clip:g}")] if _is_number(clip) and clip > 0 else []),
     }
     captions = {"retention.png": _retention_caption(config)}
