@@ -86,6 +86,9 @@ def test_retention_is_tracked_in_a_base_training_phase_without_curriculum(small_
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["eval/vl_retention"]) for r in records if "eval/vl_retention" in r]
     assert evals == [(3, 0.53), (6, 0.56)]  # eval_every=3; phase 1 (steps 1-2) trains no base part
+    # the audio accuracy goes on beside it, on the audio-dependent held-out questions of every difficulty
+    audio = [r["eval/stage_audio_accuracy"] for r in records if "eval/vl_retention" in r]
+    assert len(audio) == 2 and all(0.0 <= a <= 1.0 for a in audio)
 
 
 def test_evaluation_during_training_leaves_the_random_stream_alone(full_run, tmp_path):

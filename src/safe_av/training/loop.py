@@ -406,12 +406,16 @@ class Trainer:
         """Held-out VL retention and the stage's audio accuracy (its difficulties, audio-dependent questions)."""
         retention = self._retention()
         pool = [s for s in self.avqa_dep if s.difficulty in stage.difficulties][: self.cfg.curriculum.eval_samples]
-        audio_acc = None
+        return retention, self._audio_accuracy(pool)
+
+    def _audio_accuracy(self, pool) -> float | None:
+        """Exact-match accuracy on ``pool``'s audio questions; None without any (or when every clip of the pool
+        failed to load: each skip is logged)."""
         recs = self._predict(pool) if pool else []
-        if recs:  # none when every clip of the pool failed to load (each skip is logged)
-            audio_acc = sum(ev.normalize_answer(r["prediction"]) == ev.normalize_answer(r["answers"][0])
-                            for r in recs) / len(recs)
-        return retention, audio_acc
+        if not recs:
+            return None
+        return sum(ev.normalize_answer(r["prediction"]) == ev.normalize_answer(r["answers"][0])
+                   for r in recs) / len(recs)
 
     # ================================================================== the loop
 
@@ -623,11 +627,16 @@ class Trainer:
             stream.configure(now.audio_ratio, list(now.difficulties))
 
     def _retention_tick(self) -> None:
-        """Held-out VL retention during a phase that trains part of the base (LoRA, an unfrozen module) outside
-        the curriculum: where the VL ability is at risk, the report's retention curve goes on."""
+        """Held-out VL retention and audio accuracy during a phase that trains part of the base (LoRA, an unfrozen
+        module) outside the curriculum: where the VL ability is at risk, the report's curves go on. The audio
+        accuracy is on the held-out audio-dependent questions of every difficulty (the last stage's pool).
+        Logged only: neither drives the curriculum or ``train.best_metric`` here."""
         retention = self._retention()
-        if retention is not None:
-            self._log_jsonl({"step": self.state.global_step, "eval/vl_retention": retention})
+        audio = self._audio_accuracy(self.avqa_dep[: self.cfg.curriculum.eval_samples])
+        record = {"eval/vl_retention": retention, "eval/stage_audio_accuracy": audio}
+        record = {k: v for k, v in record.items() if v is not None}
+        if record:
+            self._log_jsonl({"step": self.state.global_step, **record})
 
     def _param_drift(self) -> float | None:
         if not self.model.anchors:
