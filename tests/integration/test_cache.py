@@ -201,14 +201,13 @@ def test_truncated_clips_are_counted_per_batch_and_silent_clips_skipped(tiny_mod
     # recorded by the build: a reopened cache knows it without opening the audio file
     reopened = FeatureCache.open(tmp_path / "cache", model, max_seconds=2.0)
     assert reopened.cut_duration(long) == pytest.approx(3.0) and reopened.cut_duration(clips[0]) is None
-    import safe_av.training.data as tdata
+    again = SAFEDataset(samples, sampling_rate=proc.sampling_rate, max_seconds=2.0, feature_cache=reopened)
+    assert [again[i]["audio_truncated"] for i in (0, 1, 3)] == [False, True, False]
+    # evaluation's in-memory cache records its cuts the same way
+    from safe_av.eval.run import MemoryFeatureCache
 
-    monkey_probe = []
-    orig = tdata.probe_duration
-    tdata.probe_duration = lambda p: monkey_probe.append(p) or orig(p)
-    try:
-        again = SAFEDataset(samples, sampling_rate=proc.sampling_rate, max_seconds=2.0, feature_cache=reopened)
-        assert [again[i]["audio_truncated"] for i in (0, 1, 3)] == [False, True, False]
-    finally:
-        tdata.probe_duration = orig
-    assert monkey_probe == []
+    memory = MemoryFeatureCache()
+    memory.build(model, [clips[0], long, silent], max_seconds=2.0)
+    assert memory.cut_duration(long) == pytest.approx(3.0) and memory.cut_duration(clips[0]) is None
+    in_memory = SAFEDataset(samples, sampling_rate=proc.sampling_rate, max_seconds=2.0, feature_cache=memory)
+    assert [in_memory[i]["audio_truncated"] for i in (0, 1, 3)] == [False, True, False] and in_memory[2] is None

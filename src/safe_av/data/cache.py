@@ -22,19 +22,17 @@ Random audio augmentation would make features differ per epoch, so it is refused
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
-import stat
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from safe_av.data.audio import load_audio, probe_duration
+from safe_av.data.audio import load_audio, path_problem
 from safe_av.data.records import DataError
 
 log = logging.getLogger(__name__)
@@ -88,22 +86,19 @@ class FeatureCache:
         """Content hash, memoised on (path, size, mtime).
 
         Raises:
-            DataError: the path cannot be read as a file: missing ("audio file not found"), a directory
-                ("is a directory"), or any other OSError (its text).
+            DataError: the path cannot be read as a file (`path_problem`'s error: missing, a directory, not a
+                regular file, or the OSError's text).
         """
+        problem = path_problem(path)
+        if problem is not None:
+            raise problem
         try:
             st = os.stat(path)
-            if stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
             memo = self._hashes.get(str(path))
             if memo and memo[0] == (st.st_size, st.st_mtime_ns):
                 return memo[1]
             digest = file_sha256(path)
-        except FileNotFoundError as err:
-            raise DataError(path, "audio", str(path), "audio file not found") from err
-        except IsADirectoryError as err:
-            raise DataError(path, "audio", str(path), "is a directory") from err
-        except OSError as err:
+        except OSError as err:  # gone or unreadable since the check
             raise DataError(path, "audio", str(path), f"cannot read the file ({err.strerror or err})") from err
         self._hashes[str(path)] = ((st.st_size, st.st_mtime_ns), digest)
         return digest
@@ -173,7 +168,7 @@ class FeatureCache:
         key_of = dict((p, k) for p, k in todo)
         tensors: dict[str, torch.Tensor] = {}
         bad: dict[str, str] = {}
-        truncated: set[str] = set()
+        truncated: dict[str, float] = {}
         for p, feat in encode_files(model, [p for p, _ in todo], max_seconds=self.fp["max_seconds"],
                                     batch_size=batch_size, truncated=truncated):
             if isinstance(feat, DataError):
@@ -183,7 +178,7 @@ class FeatureCache:
             else:
                 tensors[key_of[p]] = feat
         stats["truncated"] = len(truncated)
-        self.cut.update({key_of[p]: probe_duration(p) or self.max_seconds for p in truncated})
+        self.cut.update({key_of[p]: duration for p, duration in truncated.items()})
         if bad:
             self.bad.update(bad)
             _write_json(self.dir / "bad.json", self.bad)
@@ -211,10 +206,11 @@ def _write_json(path: Path, data: dict) -> None:
 
 @torch.no_grad()
 def encode_files(model, paths: list[str], *, max_seconds: float, batch_size: int = 8,
-                 truncated: set[str] | None = None):
+                 truncated: dict[str, float] | None = None):
     """Yield ``(path, features)`` for each audio file - ``(K, D_audio)`` pooled encoder output on CPU - or
     ``(path, DataError)`` for a file that cannot be loaded (silent clips included). The one place the frozen
-    encoder runs offline. Paths of clips cut to ``max_seconds`` are added to ``truncated`` when given."""
+    encoder runs offline. A clip cut to ``max_seconds`` goes into ``truncated`` (path -> its full duration)
+    when given."""
     enc = model.audio_encoder
     for start in range(0, len(paths), batch_size):
         names, waves, valid = [], [], []
@@ -225,7 +221,7 @@ def encode_files(model, paths: list[str], *, max_seconds: float, batch_size: int
                 yield p, err
                 continue
             if clip.truncated and truncated is not None:
-                truncated.add(p)
+                truncated[p] = clip.orig_duration_s
             names.append(p)
             waves.append(clip.waveform)
             valid.append(clip.num_valid)

@@ -608,6 +608,11 @@ class MemoryFeatureCache:
     def __init__(self):
         self.features: dict[str, torch.Tensor] = {}
         self.errors: dict[str, DataError] = {}
+        self.cut: dict[str, float] = {}  # path -> full duration of a clip encoded from its first max_seconds
+
+    def cut_duration(self, path) -> float | None:
+        """The full duration of ``path``'s clip when it was cut to ``max_seconds`` before encoding, else None."""
+        return self.cut.get(str(path))
 
     def get(self, path) -> torch.Tensor:
         key = str(path)
@@ -624,7 +629,8 @@ class MemoryFeatureCache:
         from safe_av.data.cache import encode_files
 
         todo = [p for p in dict.fromkeys(str(p) for p in paths) if p not in self.features and p not in self.errors]
-        for p, feat in encode_files(model, todo, max_seconds=max_seconds, batch_size=batch_size):
+        self.max_seconds = max_seconds
+        for p, feat in encode_files(model, todo, max_seconds=max_seconds, batch_size=batch_size, truncated=self.cut):
             if isinstance(feat, DataError):
                 self.errors[p] = feat
             else:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from safe_av.config import DataConfig
-from safe_av.data.audio import load_audio, probe_duration, warn_truncated
+from safe_av.data.audio import load_audio, warn_truncated
 from safe_av.data.formats import read as read_format
 from safe_av.data.records import DataError, Sample
 from safe_av.data.sampling import CurriculumBatchSampler
@@ -75,7 +75,6 @@ class SAFEDataset(Dataset):
         self.epoch = 0
         self.feature_cache = feature_cache
         self.with_answers = with_answers  # False: prompts only, for generation
-        self._durations: dict[str, float | None] = {}  # header durations of cached clips (this process)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -115,16 +114,11 @@ class SAFEDataset(Dataset):
         return item
 
     def _cached_clip_cut(self, path: str) -> bool:
-        """Whether the clip behind cached features was longer than the cache's ``max_seconds``: recorded by the
-        on-disk cache's build (no file opened per sample), else a header probe memoised per path; it is logged
-        once per file like a clip `load_audio` cuts."""
+        """Whether the clip behind cached features was cut to the cache's ``max_seconds``, as the cache recorded
+        when it encoded the clip (no file is opened per sample); it is logged once per file like a clip
+        `load_audio` cuts."""
+        duration = self.feature_cache.cut_duration(path)
         limit = float(getattr(self.feature_cache, "max_seconds", self.max_seconds))
-        if hasattr(self.feature_cache, "cut_duration"):
-            duration = self.feature_cache.cut_duration(path)
-        else:
-            if path not in self._durations:
-                self._durations[path] = probe_duration(path)
-            duration = self._durations[path]
         if duration is None or duration <= limit:
             return False
         warn_truncated(path, duration, limit)
