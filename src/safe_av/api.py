@@ -43,11 +43,8 @@ def _count(name: str, value, default: int | None = None) -> int | None:
 
 def _media_error(where: str, name: str, value, err: DataError) -> InputError:
     """``where: field 'audio' = 'x.wav': file not found``: the field and the path named once (``err`` names them
-    too), the file inside a frame folder and another aspect than the file itself (``duration_s = 12.0``) kept."""
-    detail = err.reason if err.field == name else f"{err.field} = {err.value!r}: {err.reason}"
-    if Path(err.path) != Path(value):
-        detail = f"{err.path}: {detail}"
-    return InputError(f"{where}: field {name!r} = {str(value)!r}: {detail}")
+    too; `DataError.detail_under`)."""
+    return InputError(f"{where}: field {name!r} = {str(value)!r}: {err.detail_under(name, value)}")
 
 
 class SAFE:

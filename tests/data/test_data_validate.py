@@ -129,3 +129,17 @@ def test_directory_truncated_wav_and_bomb_image_are_named(musicavqa_root):
         "00000272": f"00000002.jpg: pixels = 2500000000: exceeds the limit of {2 * Image.MAX_IMAGE_PIXELS} pixels (PIL "
                     "decompression-bomb guard; a huge image or a corrupt size in its header)",
     }
+
+
+def test_data_error_told_under_its_field_and_file():
+    """What validate's entries and the API's InputErrors add after naming the field and the file themselves."""
+    from safe_av.data.records import DataError
+
+    assert DataError("/d/x.wav", "audio", "/d/x.wav", "file not found").detail_under("audio", "/d/x.wav") == \
+        "file not found"
+    assert DataError("/d/x.wav", "duration_s", 12.0, "too long").detail_under("audio", "/d/x.wav") == \
+        "duration_s = 12.0: too long"
+    assert DataError("/d/frames/v1/003.jpg", "image", "003.jpg", "corrupt").detail_under("image", "/d/frames/v1") \
+        == "003.jpg: corrupt"
+    assert DataError("/d/frames/v1/003.jpg", "image", "x", "003.jpg is corrupt").detail_under("image", "/d/frames/v1") \
+        == "003.jpg is corrupt"

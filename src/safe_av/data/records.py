@@ -67,6 +67,16 @@ class DataError(ValueError):
         self.reason = reason
         super().__init__(f"{self.path}: field {field!r} = {_short(value)}: {reason}")
 
+    def detail_under(self, field: str, path: str | Path) -> str:
+        """This error told by a caller that already names ``field`` and the file ``path``: the reason, with the
+        error's own field and value only when they are another (``duration_s = 12.0: too long``), and the
+        inner file's name (a frame of a frame folder) when it is not ``path`` itself."""
+        detail = self.reason if self.field == field else f"{self.field} = {self.value!r}: {self.reason}"
+        inner = Path(self.path).name
+        if Path(self.path) != Path(path) and inner not in detail:
+            detail = f"{inner}: {detail}"
+        return detail
+
 
 @dataclass(frozen=True)
 class BadEntry:

@@ -120,12 +120,9 @@ def _check_media(result: ReadResult, checked: set[str], report: ValidationReport
             checked.add(path)
             report.files_checked += 1
             err = audio_problem(path, max_seconds=max_audio_seconds) if kind == "audio" else _image_problem(path)
-            if err is not None:  # the entry names the file once; the error's own field only when it is another
-                reason = err.reason if err.field == kind else f"{err.field} = {err.value!r}: {err.reason}"
-                inner = Path(err.path).name  # the frame of a frame folder that failed, unless the reason names it
-                if err.path != str(path) and inner not in reason:
-                    reason = f"{inner}: {reason}"
-                report.bad.append(BadEntry(f"{sample.dataset} sample {sample.id}", kind, path, reason))
+            if err is not None:  # the entry names the file once
+                report.bad.append(BadEntry(f"{sample.dataset} sample {sample.id}", kind, path,
+                                           err.detail_under(kind, path)))
 
 
 def _image_problem(path: str) -> ImageError | None:
