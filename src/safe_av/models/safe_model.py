@@ -485,7 +485,7 @@ class SAFEModel(nn.Module):
         the weights cannot be read, e.g. offloaded to the meta device)."""
         return dict(base_family=self.base.family_name, audio_kind=self.audio_encoder.kind,
                     base_fingerprint=self.base_fingerprint(),
-                    audio_encoder_fingerprint=weights_fingerprint(self.audio_encoder.named_parameters()))
+                    audio_encoder_fingerprint=self.audio_encoder_fingerprint())
 
     def base_fingerprint(self) -> str | None:
         """:func:`weights_fingerprint` of the base's *original* weights: unfrozen parameters count with their
@@ -498,13 +498,16 @@ class SAFEModel(nn.Module):
             named.append((name.replace(".base_layer", ""), self.anchors.get(f"base.{name}", p)))
         return weights_fingerprint(named)
 
+    def audio_encoder_fingerprint(self) -> str | None:
+        """:func:`weights_fingerprint` of the frozen audio encoder."""
+        return weights_fingerprint(self.audio_encoder.named_parameters())
+
     def check_fingerprints(self, recorded: dict, source: str | Path) -> None:
         """Log a warning when ``recorded`` (an adapter's config) holds a base / audio encoder fingerprint that
         differs from this model's: the same family, but other weights than the adapter was trained with. Not an
         error (a re-saved or re-quantised copy of the same base may differ); nothing happens without one."""
         for key, what, compute in (("base_fingerprint", "base", self.base_fingerprint),
-                                   ("audio_encoder_fingerprint", "audio encoder",
-                                    lambda: weights_fingerprint(self.audio_encoder.named_parameters()))):
+                                   ("audio_encoder_fingerprint", "audio encoder", self.audio_encoder_fingerprint)):
             want = recorded.get(key)
             if not want:
                 continue
