@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -89,16 +90,18 @@ class FeatureCache:
             DataError: the path cannot be read as a file (`path_problem`'s error: missing, a directory, not a
                 regular file, or the OSError's text).
         """
-        problem = path_problem(path)
-        if problem is not None:
-            raise problem
         try:
-            st = os.stat(path)
-            memo = self._hashes.get(str(path))
-            if memo and memo[0] == (st.st_size, st.st_mtime_ns):
-                return memo[1]
+            st = os.stat(path)  # the one system call of a cache hit
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            raise path_problem(path) or DataError(path, "audio", str(path), "not a regular file")
+        memo = self._hashes.get(str(path))
+        if memo and memo[0] == (st.st_size, st.st_mtime_ns):
+            return memo[1]
+        try:
             digest = file_sha256(path)
-        except OSError as err:  # gone or unreadable since the check
+        except OSError as err:
             raise DataError(path, "audio", str(path), f"cannot read the file ({err.strerror or err})") from err
         self._hashes[str(path)] = ((st.st_size, st.st_mtime_ns), digest)
         return digest
