@@ -140,7 +140,15 @@ class DataConfig:
     vqa_dataset: str = "vqav2"
     avqa_dataset: str = "musicavqa"
     caption_dataset: str | None = "audiocaps"
-    eval_split: str = "val"
+    eval_split: str = "test"
+    """Split the final metrics are measured on (AVQA; ``safe eval``'s default for every set but VQA)."""
+    vqa_eval_split: str = "val"
+    """Split of ``vqa_dataset`` the final VL-retention metrics are measured on: VQA v2 publishes no test answers
+    and the spec measures VQA accuracy on its validation set."""
+    select_split: str = "val"
+    """Split the training's own evaluations read: curriculum stage evaluations, retention tracking,
+    ``train.best_metric``. Where it is also a final-metrics split (VQA v2's val by default) the images and videos
+    those evaluations read are left out of the final metrics, so nothing training chose on is reported."""
 
     def __post_init__(self):
         _check(0 < self.max_audio_seconds <= MAX_AUDIO_SECONDS, "max_audio_seconds", self.max_audio_seconds,

@@ -435,7 +435,8 @@ def retrieval_eval(trainer, cfg, max_clips: int) -> dict:
     if not cfg.data.caption_dataset:
         return {"skipped": "data.caption_dataset is off"}
     samples = []
-    for split in dict.fromkeys([cfg.data.eval_split, "test"]):  # test only tops up a split of < 2 clips
+    # the other held-out splits only top up a split of < 2 clips (the training never evaluates on AudioCaps)
+    for split in dict.fromkeys([cfg.data.eval_split, "test", "val"]):
         try:
             samples += [s for s in read_corpus(cfg.data, [cfg.data.caption_dataset], split).samples
                         if s.audio and s.answers]
@@ -913,8 +914,8 @@ def main(args) -> int:
         "of the curriculum stages' ratios); no_curriculum uses the same fixed ratio.",
         "original = the model before any audio training: its VQA is the reference (retention exactly 1), its AVQA "
         "is answered with the audio removed; it has no retrieval (no audio input) and no training metrics.",
-        f"Retrieval: the first {retrieval_clips} AudioCaps eval-split clips (the test split only tops up a "
-        "split of fewer than 2) x all their captions, scored by the caption's mean token log-likelihood given the "
+        f"Retrieval: the first {retrieval_clips} AudioCaps clips of data.eval_split ({cfg.data.eval_split}; test, "
+        "then val, only top up a split of fewer than 2) x all their captions, scored by the caption's mean token log-likelihood given the "
         "clip (captioning prompt, no image); R@5 audio→caption counts a hit when any of the clip's captions is in "
         "the top 5.",
         "Attention correlation: Pearson r of the LM self-attention maps (every layer and head) of SAFE and of the "

@@ -395,3 +395,20 @@ def test_log_scale_choice_keeps_small_terms_visible_when_some_are_zero():
         scales.append(ax.get_yscale())
         plt.close(fig)
     assert scales == ["symlog", "log", "linear", "linear", "linear"]
+
+
+def test_report_setup_names_the_selection_split_and_what_was_left_out(tmp_path: Path):
+    """A run with data.select_split: the setup names the three splits and says the final VQA set leaves out what
+    the training evaluated on (its own split), instead of the old warning that one split served both."""
+    run = _write_evidence_run(tmp_path / "run")
+    config = (run / "config.yaml").read_text()
+    assert "eval_split: val}" in config
+    (run / "config.yaml").write_text(config.replace("eval_split: val}",
+                                                    "eval_split: test, vqa_eval_split: val, select_split: val}"))
+    page = write_report(run).read_text()
+    assert _row(page, "Final AVQA split (data.eval_split)") == ["test"]
+    assert _row(page, "Final VQA split (data.vqa_eval_split)") == ["val"]
+    assert _row(page, "Split of the evaluations during training (data.select_split)") == ["val"]
+    assert "The final metrics of VQA (val) come from that split too, without every image and video" in page
+    assert "not an untouched test set" not in page
+    assert "Evaluations during training, on the val split" in page

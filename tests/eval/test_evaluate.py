@@ -65,6 +65,7 @@ def test_evaluate_run_stores_per_type_baselines_and_conditions():
 
     trainer = SimpleNamespace(
         state=SimpleNamespace(original_vqa_accuracy=None), vqa_eval=[], avqa_eval=test, _predict=predict,
+        eval_splits={"vqa": "val", "avqa": "test", "selection": "val"}, held_out={"vqa": 0, "avqa": 0},
         train_corpus=SimpleNamespace(of=lambda name: train),
         cfg=SimpleNamespace(data=SimpleNamespace(avqa_dataset="m")))
     out = evaluate_run(trainer)

@@ -51,6 +51,7 @@ def make_cfg(root: Path) -> SAFEConfig:
     cfg.train.trackers = []
     cfg.eval.batch_size = 16
     cfg.eval.max_new_tokens = 3
+    cfg.curriculum.eval_samples = 3  # the run's selection: one of the 3 VQA val images (its 3 questions)
     return cfg
 
 
@@ -111,7 +112,11 @@ def test_safe_eval_cli_writes_metrics_and_predictions(run, corpus, tmp_path, cap
     result = json.loads(out.read_text())
     assert EXPECTED_KEYS <= set(result)
     assert printed["avqa_accuracy"] == result["avqa_accuracy"]
-    assert result["split"] == "val" and result["checkpoint_kind"] == "run" and result["base_path"] is None
+    assert result["split"] is None and result["checkpoint_kind"] == "run" and result["base_path"] is None
+    # the final splits by default; the VQA questions the run's training evaluated on are left out
+    assert result["splits"] == {"vqa": "val", "avqa": "test", "caption": "test"}
+    assert result["selection_split"] == "val" and result["held_out"] == {"vqa": 3, "avqa": 0}
+    assert result["n_samples"]["vqa"] == 6
     assert result["n_evaluated"] == result["n_samples"] and result["skipped_samples"] == 0
     assert set(result["avqa_accuracy_by_type"]) >= {"Audio (avg)", "Visual (avg)", "AV (avg)", "Overall"}
     assert set(result["caption_metrics"]) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d"}
@@ -139,7 +144,7 @@ def test_safe_eval_cli_writes_metrics_and_predictions(run, corpus, tmp_path, cap
     proc = SAFEProcessor.from_model(model)
     from safe_av.training.data import read_corpus
 
-    avqa = read_corpus(cfg.data, ["musicavqa"], "val").samples
+    avqa = read_corpus(cfg.data, ["musicavqa"], "test").samples
     recs = ev.predict(model.eval(), proc, avqa, batch_size=16, max_new_tokens=3)
     assert {r["id"]: r["prediction"] for r in recs} == preds[("avqa", "safe")]
 
@@ -197,18 +202,21 @@ def test_training_checkpoint_with_unfrozen_base_uses_original_weights(corpus, tm
     save_config(cfg, step / "config.yaml")
     assert any(k.endswith("language_projection.weight") for k in model.adapter_state_dict())
 
-    result = evaluate_checkpoint(cfg, str(step), split="val", output=str(tmp_path / "m.json"))
+    result = evaluate_checkpoint(cfg, str(step), split=None, output=str(tmp_path / "m.json"))
     assert result["checkpoint_kind"] == "checkpoint"
     preds = read_predictions(result["predictions_file"])
 
     pristine = build_safe_model(cfg.model)  # the same random base, never modified
     proc = SAFEProcessor.from_model(pristine)
-    from safe_av.training.data import read_corpus
+    from safe_av.training.data import held_out, read_corpus, selection
 
-    data = read_corpus(cfg.data, ["vqav2", "musicavqa"], "val")
-    for dataset, key in (("vqav2", "vqa"), ("musicavqa", "avqa")):
-        recs = ev.predict(pristine.eval(), proc, data.of(dataset)[:6], batch_size=16, max_new_tokens=3,
-                          use_audio=False)
+    val = read_corpus(cfg.data, ["vqav2"], "val").samples
+    # VQA: val without the questions the run's own evaluations read (tested above); AVQA: test
+    vqa = held_out(selection(cfg, read_corpus(cfg.data, ["vqav2"], "val")).vqa_subset, val, same_split=True)[0]
+    avqa = read_corpus(cfg.data, ["musicavqa"], "test").samples
+    for questions, key in ((vqa[:6], "vqa"), (avqa[:6], "avqa")):
+        assert questions
+        recs = ev.predict(pristine.eval(), proc, questions, batch_size=16, max_new_tokens=3, use_audio=False)
         assert {r["id"]: r["prediction"] for r in recs} == preds[(key, "original")]
     # SAFE itself runs with the changed projection
     assert preds[("vqa", "safe")] != preds[("vqa", "original")]
@@ -413,8 +421,8 @@ def test_safe_eval_where_no_sample_loads_exits_1(run, corpus, tmp_path, capsys):
     from safe_av.data.formats import read
 
     root = _damaged_copy(corpus, tmp_path)
-    for name in ("musicavqa", "vqav2"):
-        for s in read(name, root / name, "val").samples:
+    for name, split in (("musicavqa", "test"), ("vqav2", "val")):  # the default final splits
+        for s in read(name, root / name, split).samples:
             for f in (s.audio, s.image):
                 if f and Path(f).is_file():
                     Path(f).write_bytes(b"junk")

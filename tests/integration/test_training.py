@@ -274,7 +274,10 @@ def test_resume_truncation_drops_what_followed_the_checkpoint(tmp_path):
 def test_eval_max_samples_caps_a_training_runs_evaluation_sets(small_corpus, tmp_path):
     cfg = tiny_train_config(small_corpus, tmp_path, **{"train.pretrain.enabled": "false", "eval.max_samples": 3})
     metrics = Trainer(cfg, tmp_path / "run").train()
-    assert metrics["eval_samples"] == {"vqa": {"evaluated": 3, "skipped": 0}, "avqa": {"evaluated": 3, "skipped": 0}}
+    # VQA: val without the 2 images (6 questions) of the 4 questions retention is tracked on, then capped
+    assert metrics["eval_samples"] == {"vqa": {"evaluated": 3, "skipped": 0, "held_out": 6},
+                                       "avqa": {"evaluated": 3, "skipped": 0, "held_out": 0}}
+    assert metrics["eval_splits"] == {"vqa": "val", "avqa": "test", "selection": "val"}
 
 
 def test_checkpoints_record_where_the_base_is_and_what_it_was(full_run):
@@ -287,3 +290,38 @@ def test_checkpoints_record_where_the_base_is_and_what_it_was(full_run):
         assert meta["base_path"] and meta["base_path"] == adapter["base_path"]
         for key in ("base_family", "audio_kind", "base_fingerprint", "audio_encoder_fingerprint"):
             assert meta[key] == adapter[key], key
+
+
+def test_final_metrics_never_use_what_the_training_evaluated_on(small_corpus, tmp_path):
+    """Selection (the training's own evaluations) reads data.select_split; the final AVQA set is the test split,
+    and the final VQA set (VQA v2 has no test answers: val) leaves out every image the retention subset uses.
+    With AVQA's final split set to the selection split, the videos of every stage pool are left out too."""
+    from safe_av.data.formats import read
+    from safe_av.training.data import sample_group
+
+    def subsets(**kw):
+        tr = Trainer(tiny_train_config(small_corpus, tmp_path, **{"train.pretrain.enabled": "false", **kw}),
+                     tmp_path / "run")
+        tr._prepare_data()
+        tr._eval_subsets()
+        return tr
+
+    ids = {(d, sp): {s.id for s in read(d, small_corpus / d, sp).samples}
+           for d in ("vqav2", "musicavqa") for sp in ("val", "test") if (d, sp) != ("vqav2", "test")}
+    tr = subsets()
+    assert tr.eval_splits == {"vqa": "val", "avqa": "test", "selection": "val"}
+    assert {s.id for s in tr.vqa_subset} <= ids["vqav2", "val"] and len(tr.vqa_subset) == 4
+    assert {s.id for s in tr.avqa_eval} == ids["musicavqa", "test"] and tr.held_out["avqa"] == 0
+    pools = [s for pool in tr.stage_pools.values() for s in pool] + tr.audio_pool
+    assert pools and {s.id for s in pools} <= ids["musicavqa", "val"] and len(tr.stage_pools) == 4
+    # VQA: same split, so the subset's images (2 of the 3 val images, 3 questions each) are left out
+    assert tr.held_out["vqa"] == 6 and len(tr.vqa_eval) == len(ids["vqav2", "val"]) - 6 > 0
+    assert not {sample_group(s) for s in tr.vqa_eval} & {sample_group(s) for s in tr.vqa_subset}
+    # AVQA reported on the selection split: no video of any pool reported
+    tr = subsets(**{"data.eval_split": "val"})
+    pools = [s for pool in tr.stage_pools.values() for s in pool] + tr.audio_pool
+    assert tr.held_out["avqa"] > 0 and tr.held_out["avqa"] + len(tr.avqa_eval) == len(ids["musicavqa", "val"])
+    assert not {sample_group(s) for s in tr.avqa_eval} & {sample_group(s) for s in pools}
+    # nothing shared: nothing left out
+    tr = subsets(**{"data.vqa_eval_split": "train"})
+    assert tr.held_out == {"vqa": 0, "avqa": 0} and tr.eval_splits["vqa"] == "train"

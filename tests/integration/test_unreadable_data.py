@@ -12,11 +12,11 @@ from safe_av.training.loop import DataUnreadableError, Trainer
 from tests.integration.conftest import tiny_train_config
 
 
-def _corpus_without(small_corpus, tmp_path, dataset: str, split: str):
-    """A copy of the small corpus with every audio file of ``dataset``'s ``split`` deleted; their number."""
+def _corpus_without(small_corpus, tmp_path, dataset: str, *splits: str):
+    """A copy of the small corpus with every audio file of ``dataset``'s ``splits`` deleted; their number."""
     root = tmp_path / "corpus"
     shutil.copytree(small_corpus, root)
-    files = {s.audio for s in read(dataset, root / dataset, split).samples if s.audio}
+    files = {s.audio for split in splits for s in read(dataset, root / dataset, split).samples if s.audio}
     for f in files:
         Path(f).unlink()
     return root, len(files)
@@ -45,17 +45,19 @@ def test_steps_without_a_loadable_sample_are_skipped_then_stop_with_a_clear_erro
 
 
 def test_unreadable_evaluation_clips_are_counted_and_the_adapter_is_kept(small_corpus, tmp_path):
-    """Every MUSIC-AVQA evaluation clip missing: the curriculum's stage evaluations find nothing to score (no
-    division by zero), the final AVQA metrics are null with the skip counted, and the adapter is saved."""
-    root, n = _corpus_without(small_corpus, tmp_path, "musicavqa", "val")
-    assert n == 1
+    """Every MUSIC-AVQA evaluation clip missing (the selection split's and the final split's): the curriculum's
+    stage evaluations find nothing to score (no division by zero), the final AVQA metrics are null with the skip
+    counted, and the adapter is saved."""
+    root, n = _corpus_without(small_corpus, tmp_path, "musicavqa", "val", "test")
+    assert n == 2
+    n_test = len(read("musicavqa", root / "musicavqa", "test").samples)
     run = tmp_path / "run"
     metrics = Trainer(_cfg(root, tmp_path), run).train()
     assert (run / "adapter" / "adapter.safetensors").is_file()
     saved = json.loads((run / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
-    assert saved["eval_samples"]["avqa"] == {"evaluated": 0, "skipped": 9}
+    assert saved["eval_samples"]["avqa"] == {"evaluated": 0, "skipped": n_test, "held_out": 0}
     assert saved["eval_samples"]["vqa"]["skipped"] == 0 and saved["eval_samples"]["vqa"]["evaluated"] > 0
-    assert saved["eval_skipped_samples"] == 9
+    assert saved["eval_skipped_samples"] == n_test > 0
     for key in ("avqa_accuracy", "audio_dependent_accuracy", "audio_masked_avqa_accuracy",
                 "audio_shuffled_avqa_accuracy"):
         assert saved[key] is None, key
@@ -123,17 +125,18 @@ def test_retention_compares_the_same_questions_when_an_image_fails(small_corpus,
     trainer = Trainer(_cfg(small_corpus, tmp_path, **{"curriculum.eval_samples": 3}), tmp_path / "run")
     trainer.setup()
     trainer._eval_subsets()
-    assert len(trainer.vqa_eval) > 4
-    failed = trainer.vqa_eval[0]  # its image does not load: no record
+    subset = trainer.vqa_subset
+    assert len(subset) == 3
+    failed = subset[0]  # its image does not load: no record
 
-    def predict(samples, **kw):  # right on every other question of the evaluation set, by position
-        right = {(s.dataset, s.id) for s in trainer.vqa_eval[::2]}
+    def predict(samples, **kw):  # right on the subset's last question only
+        right = {(subset[2].dataset, subset[2].id)}
         return [{"dataset": s.dataset, "id": s.id, "answers": s.answers,
                  "prediction": s.answers[0] if (s.dataset, s.id) in right else "wrong-answer"}
                 for s in samples if s is not failed]
 
     monkeypatch.setattr(trainer, "_predict", predict)
     trainer._score_original_vqa()
-    # subset = questions 0-2; 0 failed; 1 wrong, 2 right: 0.5 (the first 3 loaded records, 1-3, gave 1/3)
+    # subset = questions 0-2; 0 failed; 1 wrong, 2 right: 0.5 (over all three, or the first 3 loaded, 1/3)
     assert trainer.state.original_vqa_subset == pytest.approx(0.5, abs=0.01)
     assert trainer._retention() == 1.0

@@ -432,7 +432,7 @@ _BAR_CAPTION = (
 
 def _retention_caption(config: dict[str, Any]) -> str:
     n = _dig(config, "curriculum", "eval_samples")
-    split = _dig(config, "data", "eval_split")
+    split = _dig(config, "data", "select_split") or _dig(config, "data", "eval_split")
     subset = f"the first {n}" if _is_number(n) else "a held-out subset of"
     parts = [
         f"Evaluations during training, on the {split or 'evaluation'} split. vl_retention: SAFE's VQA accuracy over "
@@ -814,21 +814,36 @@ def _setup_html(run_dir: Path, config: dict[str, Any] | None = None) -> str:
         synthetic = _dig(config, "data", "synthetic")
         root = _dig(config, "data", "root")
         split = _dig(config, "data", "eval_split")
+        select, vqa_split = _dig(config, "data", "select_split"), _dig(config, "data", "vqa_eval_split")
         facts = [
             ("Base VL model (model.base)", _dig(config, "model", "base")),
             ("Audio encoder (model.audio_encoder)", _dig(config, "model", "audio_encoder")),
             ("Data root (data.root)", f"{root} ({'synthetic data' if synthetic else 'real data'})"
              if synthetic is not None else root),
-            ("Evaluation split (data.eval_split)", split),
+            ("Final AVQA split (data.eval_split)", split),
         ]
+        if select is not None:
+            facts += [("Final VQA split (data.vqa_eval_split)", vqa_split),
+                      ("Split of the evaluations during training (data.select_split)", select)]
         cells = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v if v is not None else _DASH)}</td></tr>" for k, v in facts)
         parts.append(f"<table class='kv'>{cells}</table>")
-        parts.append(
-            f"<p>The final metrics (metrics.json, the cards and tables) are measured on the "
-            f"<code>{_esc(split or '?')}</code> split: the same split the curriculum's stage evaluations "
-            "(retention, stage audio accuracy) used during training to decide stage changes. They are not "
-            "an untouched test set.</p>"
-        )
+        if select is None:  # a run from before data.select_split: one split served both
+            parts.append(
+                f"<p>The final metrics (metrics.json, the cards and tables) are measured on the "
+                f"<code>{_esc(split or '?')}</code> split: the same split the curriculum's stage evaluations "
+                "(retention, stage audio accuracy) used during training to decide stage changes. They are not "
+                "an untouched test set.</p>"
+            )
+        else:
+            shared = [f"{name} ({_esc(sp)})" for name, sp in (("VQA", vqa_split), ("AVQA", split)) if sp == select]
+            parts.append(
+                f"<p>The training's own evaluations (retention tracking, the curriculum's stage audio accuracy) "
+                f"read the <code>{_esc(select)}</code> split. "
+                + (f"The final metrics of {' and '.join(shared)} come from that split too, without every image and "
+                   "video those evaluations read (metrics.json: <code>eval_samples.*.held_out</code>), "
+                   if shared else "")
+                + "so no final number was measured on questions the training chose on.</p>"
+            )
         rows = []
         for i, ph in enumerate(_phases(config), 1):
             def listed(v):

@@ -161,15 +161,14 @@ def pretrain_inputs(cfg: SAFEConfig) -> tuple[list[Sample], list[Sample]]:
 
     Mirrors ``Trainer._prepare_data`` / ``Trainer._build_model``, so the cache key is the run's.
     """
-    from safe_av.training.data import read_corpus
+    from safe_av.training.data import read_corpus, read_eval_corpora
     from safe_av.training.loop import image_question
 
     names = sorted({d for p in cfg.train.phases for d in p.datasets} | {cfg.data.vqa_dataset})
     train = read_corpus(cfg.data, names, "train")
-    eval_names = sorted({cfg.data.vqa_dataset, cfg.data.avqa_dataset} & set(names) | {cfg.data.vqa_dataset})
-    evaluation = read_corpus(cfg.data, eval_names, cfg.data.eval_split)
+    select, evaluation = read_eval_corpora(cfg)
     vl_train = [s for s in train.samples if s.image is not None and (s.audio is None or image_question(s))]
-    return vl_train, train.samples + evaluation.samples
+    return vl_train, train.samples + select.samples + evaluation.samples
 
 
 def resolve_base(cfg: SAFEConfig, files: CheckpointFiles, *, allow_pretrain: bool = False) -> str | None:
@@ -390,7 +389,35 @@ class OriginalModel:
 # ================================================================== evaluation
 
 
-def _read_split(cfg: SAFEConfig, name: str, split: str, missing: dict, bad: list | None = None) -> list[Sample]:
+def _without_selection(cfg: SAFEConfig, run_cfg: SAFEConfig, splits: dict, vqa: list[Sample], avqa: list[Sample]):
+    """The VQA and AVQA sets without the images and videos the run's own evaluations read during training, where
+    the evaluated split is the run's ``data.select_split`` (as its final metrics leave them out), then capped at
+    ``eval.max_samples``. Returns ``((vqa, avqa), held_out counts, the selection split)``."""
+    from safe_av.training.data import Corpus, held_out, read_corpus, selection
+
+    chosen_split = run_cfg.data.select_split
+    held = {"vqa": 0, "avqa": 0}
+    if chosen_split in (splits["vqa"], splits["avqa"]):
+        corpus = Corpus()
+        for name in (run_cfg.data.vqa_dataset, run_cfg.data.avqa_dataset):
+            if (Path(cfg.data.root) / name).is_dir():
+                try:
+                    corpus.samples += read_corpus(cfg.data, [name], chosen_split).samples
+                except FileNotFoundError as err:  # no such split here: nothing of it was chosen on
+                    log.info("held-out selection: %s", err)
+        chosen = selection(run_cfg, corpus)
+        vqa, held["vqa"] = held_out(chosen.vqa_subset, vqa, same_split=splits["vqa"] == chosen_split)
+        avqa, held["avqa"] = held_out(chosen.avqa, avqa, same_split=splits["avqa"] == chosen_split)
+    for name, k in held.items():
+        if k:
+            log.info("%d %s question(s) of split %r left out: they share an image or video with the questions the "
+                     "run evaluated on during training (its data.select_split)", k, name, splits[name])
+    cap = cfg.eval.max_samples
+    return (vqa[:cap], avqa[:cap]), held, chosen_split
+
+
+def _read_split(cfg: SAFEConfig, name: str, split: str, missing: dict, bad: list | None = None, *,
+                cap: bool = True) -> list[Sample]:
     from safe_av.data.formats import read as read_format
 
     root = Path(cfg.data.root) / name
@@ -407,7 +434,7 @@ def _read_split(cfg: SAFEConfig, name: str, split: str, missing: dict, bad: list
     if bad is not None:
         bad.extend(result.bad)
     samples = result.samples
-    if cfg.eval.max_samples is not None:
+    if cap and cfg.eval.max_samples is not None:
         samples = samples[: cfg.eval.max_samples]
     return samples
 
@@ -485,17 +512,21 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
     """
     from safe_av.eval.metrics import caption_metrics, vqa_accuracy
 
-    split = split or cfg.data.eval_split
+    splits = {"vqa": split or cfg.data.vqa_eval_split, "avqa": split or cfg.data.eval_split,
+              "caption": split or cfg.data.eval_split}
     out_path = Path(output)
     loaded = load_checkpoint(checkpoint, cfg, allow_pretrain=True)
     model, processor = loaded.model, loaded.processor
     missing: dict[str, str] = {}
     bad: list = []
-    vqa = _read_split(cfg, cfg.data.vqa_dataset, split, missing, bad)
-    avqa = _read_split(cfg, cfg.data.avqa_dataset, split, missing, bad)
-    caps = _read_split(cfg, cfg.data.caption_dataset, split, missing, bad) if cfg.data.caption_dataset else []
+    vqa = _read_split(cfg, cfg.data.vqa_dataset, splits["vqa"], missing, bad, cap=False)
+    avqa = _read_split(cfg, cfg.data.avqa_dataset, splits["avqa"], missing, bad, cap=False)
+    caps = (_read_split(cfg, cfg.data.caption_dataset, splits["caption"], missing, bad)
+            if cfg.data.caption_dataset else [])
+    (vqa, avqa), held, selection_split = _without_selection(cfg, loaded.cfg, splits, vqa, avqa)
     if not (vqa or avqa or caps):
-        raise NoEvaluationData(f"nothing to evaluate in split {split!r} under {cfg.data.root}: "
+        shown = repr(split) if split else ", ".join(f"{k} {v!r}" for k, v in splits.items())
+        raise NoEvaluationData(f"nothing to evaluate in split {shown} under {cfg.data.root}: "
                                + "; ".join(f"{k}: {v}" for k, v in missing.items())
                                + (f"; {len(bad)} annotation entries rejected (see the warnings)" if bad else ""))
     cache = _feature_cache(cfg, model, [s.audio for s in avqa + caps if s.audio])
@@ -517,7 +548,8 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
         "checkpoint": str(checkpoint), "checkpoint_kind": loaded.files.kind, "weights": str(loaded.files.weights),
         "run_config": str(loaded.files.config) if loaded.files.config else None,
         "base": loaded.cfg.model.base, "base_path": loaded.base_path, "audio_encoder": loaded.cfg.model.audio_encoder,
-        "audio_encoder_path": loaded.audio_encoder_path, "split": split, "data_root": cfg.data.root, "missing_datasets": missing,
+        "audio_encoder_path": loaded.audio_encoder_path, "split": split, "splits": splits, "data_root": cfg.data.root,
+        "missing_datasets": missing, "selection_split": selection_split, "held_out": held,
         "n_samples": {"vqa": len(vqa), "avqa": len(avqa), "caption": len(caps)}, "bad_annotations": len(bad),
     }
     evaluated = {}

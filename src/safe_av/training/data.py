@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from safe_av.config import DataConfig
+from safe_av.config import DataConfig, SAFEConfig
 from safe_av.data.audio import load_audio, warn_truncated
 from safe_av.data.formats import read as read_format
 from safe_av.data.records import DataError, Sample
@@ -31,16 +31,87 @@ class Corpus:
         return [s for s in self.samples if s.dataset in datasets]
 
 
-def read_corpus(cfg: DataConfig, datasets: list[str], split: str) -> Corpus:
-    """Read ``split`` of each dataset from ``cfg.root/<dataset>`` (layouts in the README)."""
+def read_corpus(cfg: DataConfig, datasets: list[str], split: str | dict[str, str]) -> Corpus:
+    """Read ``split`` (one for all, or per dataset name) of each dataset from ``cfg.root/<dataset>`` (layouts in
+    the README)."""
     corpus = Corpus()
     for name in dict.fromkeys(datasets):
-        result = read_format(name, Path(cfg.root) / name, split)
+        result = read_format(name, Path(cfg.root) / name, split[name] if isinstance(split, dict) else split)
         corpus.samples.extend(result.samples)
         corpus.bad.extend(result.bad)
         for bad in result.bad:
             log.warning("skipped annotation: %s", bad)
     return corpus
+
+
+def eval_datasets(cfg: SAFEConfig) -> list[str]:
+    """The datasets the training's evaluations read: the VQA set always (VL retention), the AVQA set when a phase
+    trains on it."""
+    names = {d for p in cfg.train.phases for d in p.datasets} | {cfg.data.vqa_dataset}
+    return sorted({cfg.data.vqa_dataset, cfg.data.avqa_dataset} & names | {cfg.data.vqa_dataset})
+
+
+def final_splits(cfg: DataConfig, datasets: list[str]) -> dict[str, str]:
+    """The split each dataset's final metrics are measured on: ``vqa_eval_split`` for the VQA set, ``eval_split``
+    for the others."""
+    return {d: cfg.vqa_eval_split if d == cfg.vqa_dataset else cfg.eval_split for d in datasets}
+
+
+def read_eval_corpora(cfg: SAFEConfig) -> tuple[Corpus, Corpus]:
+    """(selection corpus, final-evaluation corpus): ``data.select_split`` and the final splits
+    (:func:`final_splits`) of :func:`eval_datasets`."""
+    names = eval_datasets(cfg)
+    return read_corpus(cfg.data, names, cfg.data.select_split), read_corpus(cfg.data, names,
+                                                                          final_splits(cfg.data, names))
+
+
+def sample_group(sample: Sample) -> tuple[str, str]:
+    """What questions share: the video (its audio file) or the image; the question itself without either. Held-out
+    selection removes whole groups from the final metrics, so no image or clip evaluated there was chosen on."""
+    return sample.dataset, str(sample.audio or sample.image or sample.id)
+
+
+@dataclass
+class Selection:
+    """The questions the training's own evaluations read (all from ``data.select_split``)."""
+
+    vqa_subset: list[Sample]
+    """VL retention is tracked on these (curriculum stage evaluations, phases that train the base)."""
+    audio_pool: list[Sample]
+    """Audio-dependent AVQA questions of every difficulty: the audio accuracy of phases outside the curriculum."""
+    stage_pools: dict[str, list[Sample]]
+    """Per curriculum stage: its difficulties' audio-dependent AVQA questions (empty without a curriculum)."""
+
+    @property
+    def avqa(self) -> list[Sample]:
+        return self.audio_pool + [s for pool in self.stage_pools.values() for s in pool]
+
+
+def selection(cfg: SAFEConfig, select: Corpus) -> Selection:
+    """:class:`Selection` from the selection corpus: ``curriculum.eval_samples`` questions per set, in file order."""
+    from safe_av.eval.evaluate import is_audio_dependent  # safe_av.eval imports this module
+
+    n = cfg.curriculum.eval_samples
+    dep = [s for s in select.of(cfg.data.avqa_dataset) if is_audio_dependent(s.question_type)]
+    curriculum = cfg.curriculum.enabled and any(p.curriculum for p in cfg.train.phases)
+    pools = {st.name: [s for s in dep if s.difficulty in st.difficulties][:n]
+             for st in (cfg.curriculum.stages if curriculum else [])}
+    return Selection(vqa_subset=select.of(cfg.data.vqa_dataset)[:n], audio_pool=dep[:n], stage_pools=pools)
+
+
+def held_out(selection: list[Sample], report: list[Sample], *, same_split: bool) -> tuple[list[Sample], int]:
+    """``report`` without the questions that share a group (:func:`sample_group`) with ``selection`` when both come
+    from the same split; and how many were removed."""
+    if not same_split or not selection:
+        return report, 0
+    used = {sample_group(s) for s in selection}
+    kept = [s for s in report if sample_group(s) not in used]
+    if report and not kept:
+        log.warning("every one of the %d final-evaluation question(s) of %s shares an image or video with the "
+                    "questions the training evaluates on (the same split): none is left to report. Use fewer "
+                    "curriculum.eval_samples, or another data.select_split / final split", len(report),
+                    report[0].dataset)
+    return kept, len(report) - len(kept)
 
 
 _WARNED: set[tuple[str, str]] = set()  # samples whose skip was logged at WARNING in this process

@@ -31,7 +31,8 @@ from safe_av.models.presets import TINY_BASES
 from safe_av.models.safe_model import SAFEModel
 from safe_av.training import checkpoint as ckpt
 from safe_av.training.curriculum import Curriculum, CurriculumStage
-from safe_av.training.data import BatchStream, Corpus, SAFEDataset, read_corpus
+from safe_av.training.data import (BatchStream, Corpus, SAFEDataset, final_splits, held_out, read_corpus,
+                                  read_eval_corpora, selection)
 from safe_av.training.fisher import estimate_fisher, load_fisher, save_fisher
 from safe_av.training.losses import LossWeights, composite_loss, distillation_loss, ewc_penalty, retention_loss
 from safe_av.training.schedule import build_optimizer, build_scheduler, current_lrs
@@ -171,10 +172,10 @@ class Trainer:
             self.acc.wait_for_everyone()
         names = sorted({d for p in cfg.train.phases for d in p.datasets} | {cfg.data.vqa_dataset})
         self.train_corpus = read_corpus(cfg.data, names, "train")
-        eval_names = sorted({cfg.data.vqa_dataset, cfg.data.avqa_dataset} & set(names) | {cfg.data.vqa_dataset})
-        self.eval_corpus = read_corpus(cfg.data, eval_names, cfg.data.eval_split)
-        # once each: with data.eval_split=train both corpora read the same files
-        self.bad_annotations = len({str(b) for b in self.train_corpus.bad + self.eval_corpus.bad})
+        self.select_corpus, self.eval_corpus = read_eval_corpora(cfg)
+        # once each: corpora that read the same split read the same files
+        self.bad_annotations = len({str(b) for c in (self.train_corpus, self.select_corpus, self.eval_corpus)
+                                    for b in c.bad})
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -184,7 +185,7 @@ class Trainer:
 
             vl_train = [s for s in self.train_corpus.samples
                         if s.image is not None and (s.audio is None or image_question(s))]
-            vocab = self.train_corpus.samples + self.eval_corpus.samples
+            vocab = self.train_corpus.samples + self.select_corpus.samples + self.eval_corpus.samples
             if self.main:
                 base_path = pretrain_tiny_base(cfg, vl_train, vocab, device=self.acc.device)
             self.acc.wait_for_everyone()
@@ -368,13 +369,28 @@ class Trainer:
     # ================================================================== evaluation during training
 
     def _eval_subsets(self) -> None:
-        n, cap = self.cfg.curriculum.eval_samples, self.cfg.eval.max_samples  # cap: as `safe eval` applies it
-        vqa = self.eval_corpus.of(self.cfg.data.vqa_dataset)[:cap]
-        avqa = self.eval_corpus.of(self.cfg.data.avqa_dataset)[:cap]
-        self.vqa_eval = vqa
-        self.vqa_subset = vqa[:n]
-        self.avqa_eval = avqa
-        self.avqa_dep = [s for s in avqa if ev.is_audio_dependent(s.question_type)]
+        """The questions the training's own evaluations read - selection, from ``data.select_split``: the VQA
+        subset retention is tracked on, each curriculum stage's audio pool, the phase-3 audio pool - and those the
+        final metrics are measured on (``data.vqa_eval_split``, ``data.eval_split``). Where a dataset's selection
+        and final splits are the same, the final set leaves out every image and video the selection reads
+        (``held_out``), so no reported number was chosen on."""
+        cfg = self.cfg
+        cap = cfg.eval.max_samples  # as `safe eval` applies it
+        vqa_name, avqa_name = cfg.data.vqa_dataset, cfg.data.avqa_dataset
+        chosen = selection(cfg, self.select_corpus)
+        self.vqa_subset, self.audio_pool, self.stage_pools = chosen.vqa_subset, chosen.audio_pool, chosen.stage_pools
+        splits = final_splits(cfg.data, [vqa_name, avqa_name])
+        same = {d: splits[d] == cfg.data.select_split for d in splits}
+        vqa, held_vqa = held_out(self.vqa_subset, self.eval_corpus.of(vqa_name), same_split=same[vqa_name])
+        avqa, held_avqa = held_out(chosen.avqa, self.eval_corpus.of(avqa_name), same_split=same[avqa_name])
+        self.vqa_eval, self.avqa_eval = vqa[:cap], avqa[:cap]
+        self.eval_splits = {"vqa": splits[vqa_name], "avqa": splits[avqa_name], "selection": cfg.data.select_split}
+        self.held_out = {"vqa": held_vqa, "avqa": held_avqa}
+        for name, k in self.held_out.items():
+            if k:
+                log.info("final evaluation: %d %s question(s) of split %r left out: they share an image or video "
+                         "with the questions the training evaluates on (data.select_split)", k, name,
+                         self.eval_splits[name])
 
     def _predict(self, samples, **kw):
         # Side-effect free for training: a DataLoader draws its seed from torch's global generator, so without
@@ -394,19 +410,16 @@ class Trainer:
         return None if score is None else score / self.state.original_vqa_subset
 
     def _score_original_vqa(self) -> None:
-        """The untrained model's VQA accuracy on the evaluation set and on the held-out subset that retention
-        is measured on (the same questions: those of the subset whose image loads)."""
-        recs = self._predict(self.vqa_eval, use_audio=False)
-        subset = {(s.dataset, s.id) for s in self.vqa_subset}
-        self.state.original_vqa_accuracy = ev.score_vqa(recs)
-        self.state.original_vqa_subset = ev.score_vqa([r for r in recs if (r["dataset"], r["id"]) in subset])
+        """The untrained model's VQA accuracy on the final evaluation set and on the selection subset that retention
+        is tracked on during training (the same questions as there: those of the subset whose image loads)."""
+        self.state.original_vqa_accuracy = ev.score_vqa(self._predict(self.vqa_eval, use_audio=False))
+        self.state.original_vqa_subset = ev.score_vqa(self._predict(self.vqa_subset, use_audio=False))
         log.info("original VQA accuracy %s", self.state.original_vqa_accuracy)
 
     def _stage_eval(self, stage: CurriculumStage) -> tuple[float | None, float | None]:
         """Held-out VL retention and the stage's audio accuracy (its difficulties, audio-dependent questions)."""
         retention = self._retention()
-        pool = [s for s in self.avqa_dep if s.difficulty in stage.difficulties][: self.cfg.curriculum.eval_samples]
-        return retention, self._audio_accuracy(pool)
+        return retention, self._audio_accuracy(self.stage_pools.get(stage.name, []))
 
     def _audio_accuracy(self, pool) -> float | None:
         """Exact-match accuracy on ``pool``'s audio questions; None without any (or when every clip of the pool
@@ -632,7 +645,7 @@ class Trainer:
         accuracy is on the held-out audio-dependent questions of every difficulty (the last stage's pool).
         Logged only: neither drives the curriculum or ``train.best_metric`` here."""
         retention = self._retention()
-        audio = self._audio_accuracy(self.avqa_dep[: self.cfg.curriculum.eval_samples])
+        audio = self._audio_accuracy(self.audio_pool)
         record = {"eval/vl_retention": retention, "eval/stage_audio_accuracy": audio}
         record = {k: v for k, v in record.items() if v is not None}
         if record:
@@ -821,7 +834,8 @@ def evaluate_run(trainer: Trainer, predictions: list | None = None) -> dict:
         recs = keep(t._predict(t.vqa_eval), "vqa", "safe")
         for r in recs:
             r["score"] = vqa_accuracy(r["prediction"], r["answers"])
-        counts["vqa"] = {"evaluated": len(recs), "skipped": len(t.vqa_eval) - len(recs)}
+        counts["vqa"] = {"evaluated": len(recs), "skipped": len(t.vqa_eval) - len(recs),
+                         "held_out": t.held_out["vqa"]}
         safe_vqa = ev.score_vqa(recs)
         out["safe_vqa_accuracy"] = safe_vqa
         orig = t.state.original_vqa_accuracy
@@ -831,7 +845,8 @@ def evaluate_run(trainer: Trainer, predictions: list | None = None) -> dict:
         recs = keep(t._predict(t.avqa_eval), "avqa", "safe")
         # every condition and baseline on the questions whose files loaded, so they compare the same set
         kept = ev.loaded(t.avqa_eval, recs)
-        counts["avqa"] = {"evaluated": len(kept), "skipped": len(t.avqa_eval) - len(kept)}
+        counts["avqa"] = {"evaluated": len(kept), "skipped": len(t.avqa_eval) - len(kept),
+                          "held_out": t.held_out["avqa"]}
         full = ev.score_avqa(recs)  # sets each record's "correct"
         masked = ev.score_avqa(keep(t._predict(kept, use_audio=False), "avqa", "audio_removed"))
         shuffled = ev.score_avqa(keep(t._predict(kept, shuffle_audio=True), "avqa", "audio_shuffled"))
@@ -851,6 +866,7 @@ def evaluate_run(trainer: Trainer, predictions: list | None = None) -> dict:
             avqa_chance_by_type=base["chance_by_type"], avqa_majority_by_type=base["majority_by_type"],
             avqa_n_by_type=base["n_by_type"],
         )
+    out["eval_splits"] = dict(t.eval_splits)
     out["eval_samples"] = counts
     out["eval_skipped_samples"] = sum(c["skipped"] for c in counts.values())
     if out["eval_skipped_samples"]:
