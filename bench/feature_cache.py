@@ -61,7 +61,7 @@ def main() -> int:
     speedup = med["no cache"] / med["cache"]
 
     # the one-off cost: encode every clip of the corpus into a fresh cache folder
-    paths = sorted({s.audio for c in (tr_c.train_corpus, tr_c.eval_corpus) for s in c.samples if s.audio})
+    paths = tr_c.audio_paths()
     t = time.perf_counter()
     stats = FeatureCache.open(tmp / "cache-fresh", tr_c.model, max_seconds=tr_c.cfg.data.max_audio_seconds).build(
         tr_c.model, paths)

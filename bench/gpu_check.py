@@ -137,7 +137,7 @@ def make_trainer_class():
 
         def _build_model(self) -> None:
             cfg, device = self.cfg, self.acc.device
-            texts = [t for s in self.train_corpus.samples + self.eval_corpus.samples
+            texts = [t for s in self.train_corpus.samples + self.select_corpus.samples
                      for t in [s.question, *s.answers] if t]
             if self.tiny:
                 model, proc = build_tiny_base(cfg.model.base, texts, seed=cfg.model.tiny_seed)

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--checkpoint", required=True,
                    help="a run folder (RUN), its adapter folder (RUN/adapter) or a checkpoint (RUN/checkpoints/step-N)")
-    p.add_argument("--split", default=None, help="evaluation split (default: data.eval_split)")
+    p.add_argument("--split", default=None,
+                   help="one split for every set (default: VQA from data.vqa_eval_split, the others from data.eval_split)")
     p.add_argument("--output", required=True, help="JSON file to write")
     p.set_defaults(func=cmd_eval)
 

@@ -64,7 +64,7 @@ QUICK_PHASE_STEPS = (2, 3, 4)
 """Quick mode: steps of phase 1, 2, 3 (later phases take the last value)."""
 
 RETRIEVAL_CLIPS = 16
-"""Retrieval candidate set: the first clips of the AudioCaps eval split (all their captions)."""
+"""Retrieval candidate set: the first clips of the AudioCaps ``data.eval_split`` (all their captions)."""
 RETRIEVAL_K = 5
 ATTENTION_SAMPLES = 16
 """VQA eval samples whose LM attention maps are compared (SAFE vs the original weights)."""
@@ -428,7 +428,7 @@ def attention_correlation_eval(model, processor, samples, *, batch_size: int = 8
 
 
 def retrieval_eval(trainer, cfg, max_clips: int) -> dict:
-    """Audio<->caption retrieval on the AudioCaps eval split by caption log-likelihood given the audio."""
+    """Audio<->caption retrieval on the AudioCaps ``data.eval_split`` by caption log-likelihood given the audio."""
     from safe_av.eval.run import caption_retrieval
     from safe_av.training.data import read_corpus
 

@@ -432,3 +432,20 @@ def test_safe_eval_where_no_sample_loads_exits_1(run, corpus, tmp_path, capsys):
     assert "none of the" in capsys.readouterr().err
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["n_evaluated"] == {"vqa": 0, "avqa": 0} and result["avqa_accuracy"] is None
+
+
+def test_safe_eval_of_a_run_from_before_select_split_holds_out_its_eval_split(run, corpus, tmp_path):
+    """A run whose config.yaml has no data.select_split evaluated on its data.eval_split during training: that is
+    the split whose chosen-on questions are left out."""
+    import yaml
+
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    raw = yaml.safe_load((old / "config.yaml").read_text())
+    for key in ("select_split", "vqa_eval_split"):
+        raw["data"].pop(key)
+    raw["data"]["eval_split"] = "test"
+    (old / "config.yaml").write_text(yaml.safe_dump(raw))
+    result = evaluate_checkpoint(make_cfg(corpus), str(old), split=None, output=str(tmp_path / "m.json"))
+    assert result["selection_split"] == "test" and result["splits"]["avqa"] == "test"
+    assert result["held_out"]["avqa"] > 0 and result["held_out"]["vqa"] == 0

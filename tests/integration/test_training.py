@@ -34,6 +34,10 @@ def test_run_writes_metrics_report_adapter(full_run):
     assert metrics["curriculum_stages"]["foundation"] == 2  # phase 2's first step: phase 1 has no curriculum
     events = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"event"' in l]
     assert [e["phase"] for e in events if e["event"] == "phase_start"] == [1, 2, 3]
+    # the stage evaluations read the selection split's clips through the (fresh) feature cache: they score
+    evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "eval/" in l]
+    audio = [e.get("eval/stage_audio_accuracy") for e in evals]
+    assert audio and all(a is not None and 0.0 <= a <= 1.0 for a in audio), audio
     assert all(e["reason"] for e in events)
     # the final evaluation's records: one per question and condition, the metrics recomputable from them
     preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
@@ -325,3 +329,28 @@ def test_final_metrics_never_use_what_the_training_evaluated_on(small_corpus, tm
     # nothing shared: nothing left out
     tr = subsets(**{"data.vqa_eval_split": "train"})
     assert tr.held_out == {"vqa": 0, "avqa": 0} and tr.eval_splits["vqa"] == "train"
+
+
+def test_a_resume_onto_other_evaluation_questions_rescores_the_original(full_run, tmp_path, monkeypatch):
+    """The original model's VQA accuracy (retention's reference) is kept in the checkpoint with a digest of the
+    questions it was measured on: the same questions are not rescored on resume, other ones (another split or
+    subset size, or a checkpoint from before the digest) are, through the original-model view."""
+    import copy
+    import shutil
+
+    cfg, tmp, _ = full_run
+    run = tmp_path / "run"
+    shutil.copytree(tmp / "run", run)
+    scored = []
+    real = Trainer._score_original_vqa
+    monkeypatch.setattr(Trainer, "_score_original_vqa",
+                        lambda self: scored.append([s.id for s in self.vqa_subset]) or real(self))
+    Trainer(cfg, run, resume="latest").train()
+    assert scored == []
+    changed = copy.deepcopy(cfg)
+    changed.curriculum.eval_samples = 1
+    tr = Trainer(changed, run, resume="latest")
+    tr.train()
+    assert len(scored) == 1 and len(scored[0]) == 1
+    assert tr.state.original_vqa_questions == tr._vqa_questions_digest()
+    assert json.loads((run / "metrics.json").read_text())["eval_samples"]["vqa"]["held_out"] == 3

@@ -820,7 +820,8 @@ def _setup_html(run_dir: Path, config: dict[str, Any] | None = None) -> str:
             ("Audio encoder (model.audio_encoder)", _dig(config, "model", "audio_encoder")),
             ("Data root (data.root)", f"{root} ({'synthetic data' if synthetic else 'real data'})"
              if synthetic is not None else root),
-            ("Final AVQA split (data.eval_split)", split),
+            ("Final AVQA split (data.eval_split)" if select is not None else "Evaluation split (data.eval_split)",
+             split),
         ]
         if select is not None:
             facts += [("Final VQA split (data.vqa_eval_split)", vqa_split),
@@ -840,9 +841,9 @@ def _setup_html(run_dir: Path, config: dict[str, Any] | None = None) -> str:
                 f"<p>The training's own evaluations (retention tracking, the curriculum's stage audio accuracy) "
                 f"read the <code>{_esc(select)}</code> split. "
                 + (f"The final metrics of {' and '.join(shared)} come from that split too, without every image and "
-                   "video those evaluations read (metrics.json: <code>eval_samples.*.held_out</code>), "
-                   if shared else "")
-                + "so no final number was measured on questions the training chose on.</p>"
+                   "video those evaluations read (metrics.json: <code>eval_samples.*.held_out</code>), so"
+                   if shared else "The final metrics come from other splits, so")
+                + " no final number was measured on questions the training chose on.</p>"
             )
         rows = []
         for i, ph in enumerate(_phases(config), 1):

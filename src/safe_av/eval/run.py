@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from safe_av.config import ModelConfig, SAFEConfig, from_dict, load_config
@@ -166,9 +167,9 @@ def pretrain_inputs(cfg: SAFEConfig) -> tuple[list[Sample], list[Sample]]:
 
     names = sorted({d for p in cfg.train.phases for d in p.datasets} | {cfg.data.vqa_dataset})
     train = read_corpus(cfg.data, names, "train")
-    select, evaluation = read_eval_corpora(cfg)
+    select, _ = read_eval_corpora(cfg)
     vl_train = [s for s in train.samples if s.image is not None and (s.audio is None or image_question(s))]
-    return vl_train, train.samples + select.samples + evaluation.samples
+    return vl_train, train.samples + select.samples  # never the split reported on
 
 
 def resolve_base(cfg: SAFEConfig, files: CheckpointFiles, *, allow_pretrain: bool = False) -> str | None:
@@ -389,17 +390,35 @@ class OriginalModel:
 # ================================================================== evaluation
 
 
-def _without_selection(cfg: SAFEConfig, run_cfg: SAFEConfig, splits: dict, vqa: list[Sample], avqa: list[Sample]):
-    """The VQA and AVQA sets without the images and videos the run's own evaluations read during training, where
-    the evaluated split is the run's ``data.select_split`` (as its final metrics leave them out), then capped at
-    ``eval.max_samples``. Returns ``((vqa, avqa), held_out counts, the selection split)``."""
-    from safe_av.training.data import Corpus, held_out, read_corpus, selection
+def _run_select_split(loaded) -> str:
+    """The split the run's training evaluated on: its ``data.select_split``; for a run from before that key (its
+    config.yaml lacks it), its ``data.eval_split``, which then served both."""
+    raw = {}
+    if loaded.files.config and Path(loaded.files.config).is_file():
+        try:
+            raw = yaml.safe_load(Path(loaded.files.config).read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raw = {}
+    data = raw.get("data") if isinstance(raw, dict) else None
+    if isinstance(data, dict) and "select_split" not in data and isinstance(data.get("eval_split"), str):
+        log.info("%s has no data.select_split (a run from before it): its training evaluated on its "
+                 "data.eval_split %r", loaded.files.config, data["eval_split"])
+        return data["eval_split"]
+    return loaded.cfg.data.select_split
 
-    chosen_split = run_cfg.data.select_split
+
+def _without_selection(cfg: SAFEConfig, run_cfg: SAFEConfig, splits: dict, vqa: list[Sample], avqa: list[Sample],
+                       chosen_split: str):
+    """The VQA and AVQA sets without the images and videos the run's own evaluations read during training, where
+    the evaluated split is the one they read (``chosen_split``: the run's ``data.select_split``), as the run's final
+    metrics leave them out; then capped at ``eval.max_samples``. Returns ``((vqa, avqa), held_out counts,
+    chosen_split)``."""
+    from safe_av.training.data import Corpus, eval_datasets, held_out, read_corpus, selection
+
     held = {"vqa": 0, "avqa": 0}
     if chosen_split in (splits["vqa"], splits["avqa"]):
         corpus = Corpus()
-        for name in (run_cfg.data.vqa_dataset, run_cfg.data.avqa_dataset):
+        for name in eval_datasets(run_cfg):
             if (Path(cfg.data.root) / name).is_dir():
                 try:
                     corpus.samples += read_corpus(cfg.data, [name], chosen_split).samples
@@ -504,7 +523,8 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
         cfg: the evaluation config: ``data`` (root, dataset names, ``eval_split``) and ``eval`` (batch size,
             ``max_new_tokens``, ``max_samples``). The model is rebuilt from the run's own config.
         checkpoint: a run folder, an adapter folder or a training checkpoint folder.
-        split: the split to evaluate (default ``cfg.data.eval_split``).
+        split: one split for every set; default: VQA from ``cfg.data.vqa_eval_split``, the others from
+            ``cfg.data.eval_split`` (the splits a run's final metrics use).
         output: the JSON file to write; predictions go to ``<output stem>.predictions.jsonl`` beside it.
 
     Returns:
@@ -523,7 +543,8 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
     avqa = _read_split(cfg, cfg.data.avqa_dataset, splits["avqa"], missing, bad, cap=False)
     caps = (_read_split(cfg, cfg.data.caption_dataset, splits["caption"], missing, bad)
             if cfg.data.caption_dataset else [])
-    (vqa, avqa), held, selection_split = _without_selection(cfg, loaded.cfg, splits, vqa, avqa)
+    (vqa, avqa), held, selection_split = _without_selection(cfg, loaded.cfg, splits, vqa, avqa,
+                                                            _run_select_split(loaded))
     if not (vqa or avqa or caps):
         shown = repr(split) if split else ", ".join(f"{k} {v!r}" for k, v in splits.items())
         raise NoEvaluationData(f"nothing to evaluate in split {shown} under {cfg.data.root}: "

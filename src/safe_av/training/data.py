@@ -61,8 +61,24 @@ def read_eval_corpora(cfg: SAFEConfig) -> tuple[Corpus, Corpus]:
     """(selection corpus, final-evaluation corpus): ``data.select_split`` and the final splits
     (:func:`final_splits`) of :func:`eval_datasets`."""
     names = eval_datasets(cfg)
-    return read_corpus(cfg.data, names, cfg.data.select_split), read_corpus(cfg.data, names,
-                                                                          final_splits(cfg.data, names))
+    try:
+        select = read_corpus(cfg.data, names, cfg.data.select_split)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"data.select_split={cfg.data.select_split!r}: {err}") from err
+    splits = final_splits(cfg.data, names)
+    final = Corpus()
+    for name in names:
+        key = "data.vqa_eval_split" if name == cfg.data.vqa_dataset else "data.eval_split"
+        if splits[name] == cfg.data.select_split:  # read once: the same files
+            final.samples += select.of(name)
+            continue
+        try:
+            part = read_corpus(cfg.data, [name], splits[name])
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{key}={splits[name]!r}: {err}") from err
+        final.samples += part.samples
+        final.bad += part.bad
+    return select, final
 
 
 def sample_group(sample: Sample) -> tuple[str, str]:
@@ -88,14 +104,14 @@ class Selection:
 
 
 def selection(cfg: SAFEConfig, select: Corpus) -> Selection:
-    """:class:`Selection` from the selection corpus: ``curriculum.eval_samples`` questions per set, in file order."""
+    """:class:`Selection` from the selection corpus: ``curriculum.eval_samples`` questions per set, in file order.
+    The stage pools are drawn whether or not a phase runs the curriculum, so variants of one config (the
+    reproduce ablations) leave out the same final questions."""
     from safe_av.eval.evaluate import is_audio_dependent  # safe_av.eval imports this module
 
     n = cfg.curriculum.eval_samples
     dep = [s for s in select.of(cfg.data.avqa_dataset) if is_audio_dependent(s.question_type)]
-    curriculum = cfg.curriculum.enabled and any(p.curriculum for p in cfg.train.phases)
-    pools = {st.name: [s for s in dep if s.difficulty in st.difficulties][:n]
-             for st in (cfg.curriculum.stages if curriculum else [])}
+    pools = {st.name: [s for s in dep if s.difficulty in st.difficulties][:n] for st in cfg.curriculum.stages}
     return Selection(vqa_subset=select.of(cfg.data.vqa_dataset)[:n], audio_pool=dep[:n], stage_pools=pools)
 
 

@@ -6,6 +6,7 @@ in one ``TrainState`` plus the optimizer/scheduler/RNG states, saved atomically 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -56,6 +57,8 @@ class TrainState:
     truncated_audio: int = 0
     original_vqa_accuracy: float | None = None
     original_vqa_subset: float | None = None
+    original_vqa_questions: str | None = None
+    """Digest of the questions the two numbers above were measured on (a resume with other ones rescores)."""
     best: float | None = None
     phase_starts: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
@@ -185,7 +188,7 @@ class Trainer:
 
             vl_train = [s for s in self.train_corpus.samples
                         if s.image is not None and (s.audio is None or image_question(s))]
-            vocab = self.train_corpus.samples + self.select_corpus.samples + self.eval_corpus.samples
+            vocab = self.train_corpus.samples + self.select_corpus.samples  # never the split reported on
             if self.main:
                 base_path = pretrain_tiny_base(cfg, vl_train, vocab, device=self.acc.device)
             self.acc.wait_for_everyone()
@@ -279,6 +282,11 @@ class Trainer:
     def _feature_cache(self):
         return self.cache
 
+    def audio_paths(self) -> list[str]:
+        """Every audio file training and its evaluations read (what the feature cache holds)."""
+        return sorted({s.audio for c in (self.train_corpus, self.select_corpus, self.eval_corpus)
+                       for s in c.samples if s.audio})
+
     def _build_cache(self) -> None:
         """Open the frozen-feature cache and encode the files it lacks (main process first)."""
         self.cache = None
@@ -286,7 +294,7 @@ class Trainer:
             return
         from safe_av.data.cache import FeatureCache
 
-        paths = sorted({s.audio for c in (self.train_corpus, self.eval_corpus) for s in c.samples if s.audio})
+        paths = self.audio_paths()
         if self.main:
             cache = FeatureCache.open(self.cfg.data.feature_cache, self.model, max_seconds=self.cfg.data.max_audio_seconds)
             stats = cache.build(self.model, paths)
@@ -392,13 +400,13 @@ class Trainer:
                          "with the questions the training evaluates on (data.select_split)", k, name,
                          self.eval_splits[name])
 
-    def _predict(self, samples, **kw):
+    def _predict(self, samples, *, model=None, **kw):
         # Side-effect free for training: a DataLoader draws its seed from torch's global generator, so without
         # the fork every evaluation (curriculum, retention) would move the random stream the training's dropout
         # and sampling read, and the same run evaluated at other steps would train differently.
         device = self.acc.device
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            return ev.predict(self.model, self.processor, samples, batch_size=self.cfg.eval.batch_size,
+            return ev.predict(model or self.model, self.processor, samples, batch_size=self.cfg.eval.batch_size,
                               max_new_tokens=self.cfg.eval.max_new_tokens,
                               max_seconds=self.cfg.data.max_audio_seconds, feature_cache=self.cache, **kw)
 
@@ -412,8 +420,18 @@ class Trainer:
     def _score_original_vqa(self) -> None:
         """The untrained model's VQA accuracy on the final evaluation set and on the selection subset that retention
         is tracked on during training (the same questions as there: those of the subset whose image loads)."""
-        self.state.original_vqa_accuracy = ev.score_vqa(self._predict(self.vqa_eval, use_audio=False))
-        self.state.original_vqa_subset = ev.score_vqa(self._predict(self.vqa_subset, use_audio=False))
+        from safe_av.eval.run import OriginalModel  # safe_av.eval.run imports this module
+
+        # the original model as a view (LoRA off, unfrozen modules at their anchors): the same numbers before
+        # the first step, and right after a resume onto other questions (another split or subset size)
+        original = OriginalModel(self.model)
+        self.state.original_vqa_accuracy = ev.score_vqa(self._predict(self.vqa_eval, model=original))
+        self.state.original_vqa_subset = ev.score_vqa(self._predict(self.vqa_subset, model=original))
+        self.state.original_vqa_questions = self._vqa_questions_digest()
+
+    def _vqa_questions_digest(self) -> str:
+        ids = [[(s.dataset, s.id, s.image) for s in part] for part in (self.vqa_eval, self.vqa_subset)]
+        return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
         log.info("original VQA accuracy %s", self.state.original_vqa_accuracy)
 
     def _stage_eval(self, stage: CurriculumStage) -> tuple[float | None, float | None]:
@@ -444,7 +462,8 @@ class Trainer:
         self._check_phases()  # before the Fisher pass, which can be long on a real model
         self._setup_fisher()
         self._audio_stats()
-        if self.state.original_vqa_accuracy is None:
+        if (self.state.original_vqa_accuracy is None
+                or self.state.original_vqa_questions != self._vqa_questions_digest()):
             self._score_original_vqa()
         bar = tqdm(total=self.state.global_step, initial=self.state.global_step, disable=not self.main, desc="train", dynamic_ncols=True)
         for index in range(self.state.phase, len(self.cfg.train.phases)):
