@@ -449,3 +449,27 @@ def test_safe_eval_of_a_run_from_before_select_split_holds_out_its_eval_split(ru
     result = evaluate_checkpoint(make_cfg(corpus), str(old), split=None, output=str(tmp_path / "m.json"))
     assert result["selection_split"] == "test" and result["splits"]["avqa"] == "test"
     assert result["held_out"]["avqa"] > 0 and result["held_out"]["vqa"] == 0
+
+
+def test_safe_eval_counts_the_clips_it_cut(run, corpus, tmp_path):
+    """A test clip longer than data.max_audio_seconds is read only as far as the encoder takes: its questions are
+    counted in truncated_audio and flagged in the predictions (the others are not)."""
+    import numpy as np
+    import soundfile as sf
+
+    from safe_av.data.formats import read
+
+    root = _damaged_copy(corpus, tmp_path)
+    samples = read("musicavqa", root / "musicavqa", "test").samples
+    long_clip = samples[0].audio
+    rate = sf.info(long_clip).samplerate
+    sf.write(long_clip, 0.1 * np.sin(np.arange(12 * rate) * 0.05), rate)  # 12 s > the 10-s limit
+    cfg = make_cfg(root)
+    cfg.data.caption_dataset = ""
+    result = evaluate_checkpoint(cfg, str(run), split=None, output=str(tmp_path / "m.json"))
+    n_long = sum(s.audio == long_clip for s in samples)
+    assert result["truncated_audio"] == {"avqa": n_long} and n_long > 0
+    lines = [json.loads(x) for x in Path(result["predictions_file"]).read_text().splitlines()]
+    flagged = {r["id"] for r in lines if r["set"] == "avqa" and r["condition"] == "safe" and r["audio_truncated"]}
+    assert flagged == {s.id for s in samples if s.audio == long_clip}
+    assert not any(r["audio_truncated"] for r in lines if r["set"] == "vqa")  # no audio: never cut

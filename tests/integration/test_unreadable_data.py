@@ -55,7 +55,7 @@ def test_unreadable_evaluation_clips_are_counted_and_the_adapter_is_kept(small_c
     metrics = Trainer(_cfg(root, tmp_path), run).train()
     assert (run / "adapter" / "adapter.safetensors").is_file()
     saved = json.loads((run / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
-    assert saved["eval_samples"]["avqa"] == {"evaluated": 0, "skipped": n_test, "held_out": 0}
+    assert saved["eval_samples"]["avqa"] == {"evaluated": 0, "skipped": n_test, "held_out": 0, "truncated_audio": 0}
     assert saved["eval_samples"]["vqa"]["skipped"] == 0 and saved["eval_samples"]["vqa"]["evaluated"] > 0
     assert saved["eval_skipped_samples"] == n_test > 0
     for key in ("avqa_accuracy", "audio_dependent_accuracy", "audio_masked_avqa_accuracy",

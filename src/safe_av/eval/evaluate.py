@@ -73,6 +73,12 @@ def shuffled_audio(samples: list[Sample]) -> list[Sample]:
     return [dataclasses.replace(s, audio=nxt[s.audio]) if s.audio is not None else s for s in samples]
 
 
+def truncated(records: list[dict]) -> int:
+    """How many of ``records`` had their clip cut to ``data.max_audio_seconds`` (longer clips are read only as far as
+    the encoder takes; each file is also logged)."""
+    return sum(1 for r in records if r.get("audio_truncated"))
+
+
 def loaded(samples: list[Sample], records: list[dict]) -> list[Sample]:
     """The ``samples`` that gave a record in ``records`` (their files loaded), in order: the set every other
     condition and baseline of the same evaluation is scored on."""

@@ -619,6 +619,10 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
         result["retrieval"] = caption_retrieval(model, processor, caps, max_seconds=cfg.data.max_audio_seconds,
                                                 batch_size=cfg.eval.batch_size, feature_cache=cache)
     result["n_evaluated"] = evaluated
+    # questions whose clip was longer than data.max_audio_seconds and was cut (the "safe" condition's records)
+    result["truncated_audio"] = {name: ev.truncated([r for set_name, cond, r in lines
+                                                     if set_name == name and cond == "safe"])
+                                 for name in ("avqa", "caption") if name in evaluated}
     result["skipped_samples"] = sum(result["n_samples"][k] - evaluated.get(k, 0) for k in result["n_samples"])
     pred_path = _predictions_path(out_path)
     result["predictions_file"] = str(pred_path)

@@ -198,6 +198,7 @@ class SAFEDataset(Dataset):
                 _WARNED.add((s.dataset, s.id))
             log.log(logging.WARNING if first else logging.DEBUG, "skipped sample %s/%s: %s", s.dataset, s.id, err)
             return None
+        item["meta"]["audio_truncated"] = item["audio_truncated"]  # evaluation's records count it per question
         return item
 
     def _cached_clip_cut(self, path: str) -> bool:

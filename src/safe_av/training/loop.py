@@ -854,7 +854,7 @@ def evaluate_run(trainer: Trainer, predictions: list | None = None) -> dict:
         for r in recs:
             r["score"] = vqa_accuracy(r["prediction"], r["answers"])
         counts["vqa"] = {"evaluated": len(recs), "skipped": len(t.vqa_eval) - len(recs),
-                         "held_out": t.held_out["vqa"]}
+                         "held_out": t.held_out["vqa"], "truncated_audio": ev.truncated(recs)}
         safe_vqa = ev.score_vqa(recs)
         out["safe_vqa_accuracy"] = safe_vqa
         orig = t.state.original_vqa_accuracy
@@ -865,7 +865,7 @@ def evaluate_run(trainer: Trainer, predictions: list | None = None) -> dict:
         # every condition and baseline on the questions whose files loaded, so they compare the same set
         kept = ev.loaded(t.avqa_eval, recs)
         counts["avqa"] = {"evaluated": len(kept), "skipped": len(t.avqa_eval) - len(kept),
-                          "held_out": t.held_out["avqa"]}
+                          "held_out": t.held_out["avqa"], "truncated_audio": ev.truncated(recs)}
         full = ev.score_avqa(recs)  # sets each record's "correct"
         masked = ev.score_avqa(keep(t._predict(kept, use_audio=False), "avqa", "audio_removed"))
         shuffled = ev.score_avqa(keep(t._predict(kept, shuffle_audio=True), "avqa", "audio_shuffled"))
