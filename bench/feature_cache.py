@@ -80,7 +80,7 @@ def main() -> int:
             C.md_table(["epoch", "median time", "samples/s", "speed-up"], rows), "",
             f"Target >= {TARGET:.0f}x faster with the cache: {C.verdict(speedup >= TARGET)} (measured {speedup:.1f}x).",
             "",
-            f"One-off cache build: {stats['new']} clips (train + eval) encoded in {build_s:.2f} s; it pays for "
+            f"One-off cache build: {stats['new']} clips (train + selection + final-evaluation splits) encoded in {build_s:.2f} s; it pays for "
             f"itself after {breakeven:.1f} epochs of this phase."]
     C.report("feature_cache", "2. Feature cache: phase-1 epoch with vs without", body, write=not args.no_write)
     return 0

@@ -403,8 +403,9 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 8
     max_samples: int | None = None
-    """At most this many questions per evaluation set (the first ones of the split), in `safe eval` and in a
-    training run's evaluations; ``None``: all."""
+    """At most this many questions per final evaluation set (the first ones left once the held-out images and videos
+    are removed), in `safe eval` and a training run's final metrics; ``None``: all. The training's own evaluations
+    use ``curriculum.eval_samples``."""
 
     def __post_init__(self):
         _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")

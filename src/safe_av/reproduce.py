@@ -914,8 +914,11 @@ def main(args) -> int:
         "of the curriculum stages' ratios); no_curriculum uses the same fixed ratio.",
         "original = the model before any audio training: its VQA is the reference (retention exactly 1), its AVQA "
         "is answered with the audio removed; it has no retrieval (no audio input) and no training metrics.",
-        f"Retrieval: the first {retrieval_clips} AudioCaps clips of data.eval_split ({cfg.data.eval_split}; test, "
-        "then val, only top up a split of fewer than 2) x all their captions, scored by the caption's mean token log-likelihood given the "
+        f"Splits: VQA on data.vqa_eval_split ({cfg.data.vqa_eval_split}) without the images the training evaluated "
+        f"on, AVQA on data.eval_split ({cfg.data.eval_split}); the training's own evaluations read "
+        f"data.select_split ({cfg.data.select_split}).",
+        f"Retrieval: the first {retrieval_clips} AudioCaps clips of data.eval_split ({cfg.data.eval_split}; the other "
+        "held-out splits only top up a split of fewer than 2) x all their captions, scored by the caption's mean token log-likelihood given the "
         "clip (captioning prompt, no image); R@5 audio→caption counts a hit when any of the clip's captions is in "
         "the top 5.",
         "Attention correlation: Pearson r of the LM self-attention maps (every layer and head) of SAFE and of the "

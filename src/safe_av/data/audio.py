@@ -10,8 +10,9 @@ What `load_audio` does with odd but usable input, and how the caller learns of i
 * an over-long clip is cut to its first ``max_seconds`` (``truncated``); only those
   frames are read from disk (a 1-hour file costs what ``max_seconds`` of it cost), a
   WARNING names the file, its duration and the limit once per file and process (so
-  once per DataLoader worker at most), and the training data path counts it
-  (``item["audio_truncated"]`` → ``batch["audio_truncated"]``);
+  once per DataLoader worker at most), and training and evaluation count it
+  (``item["audio_truncated"]`` → ``batch["audio_truncated"]``; copied to the item's ``meta`` for the evaluation
+  records);
 * a silent clip (peak <= -80 dBFS in the part used) raises `AudioError` with the
   reason `SILENT_REASON` - the one ``safe data validate`` gives - so training,
   evaluation and the feature cache skip and count it; ``allow_silent=True`` is the

@@ -36,7 +36,7 @@ _KEY_METRICS: tuple[tuple[str, str], ...] = (
     ("audio_shuffled_avqa_accuracy", "AVQA accuracy, audio shuffled"),
     ("avqa_majority_accuracy", "AVQA majority-answer accuracy"),
     ("feature_similarity", "Feature similarity (SAFE vs original)"),
-    ("eval_samples", "Questions evaluated / skipped"),
+    ("eval_samples", "Questions evaluated / skipped / held out / clips cut"),
     ("phase_starts", "Phase starts"),
     ("skipped_samples", "Skipped samples"),
 )
@@ -433,7 +433,7 @@ _BAR_CAPTION = (
 def _retention_caption(config: dict[str, Any]) -> str:
     n = _dig(config, "curriculum", "eval_samples")
     split = _dig(config, "data", "select_split") or _dig(config, "data", "eval_split")
-    subset = f"the first {n}" if _is_number(n) else "a held-out subset of"
+    subset = f"the first {n}" if _is_number(n) else "a subset of the"
     parts = [
         f"Evaluations during training, on the {split or 'evaluation'} split. vl_retention: SAFE's VQA accuracy over "
         f"the original model's, on {subset} VQA evaluation questions (those whose image loads); "
@@ -880,7 +880,8 @@ def _definitions_html(config: dict[str, Any]) -> str:
         ("VQA accuracy", "the official VQA v2 soft score of each answer, min(#matching references / 3, 1) "
          "averaged over the 10 leave-one-reference-out subsets, averaged over the questions."),
         ("VL retention", "SAFE's VQA accuracy / the original VL model's, on the same questions (final: every loaded "
-         f"VQA evaluation question; during training: the first {n if _is_number(n) else 'N'} of them)."),
+         "question of the final VQA split, without the images the training evaluated on; during training: the "
+         f"first {n if _is_number(n) else 'N'} VQA questions of the selection split)."),
         ("Feature similarity", "cosine similarity of SAFE's (audio off) and the original model's last hidden "
          "states for the same VQA inputs, averaged over the non-padding token positions of each batch of 16 and "
          "then over batches, on the first 64 loaded VQA evaluation questions, in eval mode."),

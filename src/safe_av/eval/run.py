@@ -520,7 +520,7 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
     """``safe eval``: evaluate a trained adapter and write ``output`` (JSON) + per-sample predictions (JSONL).
 
     Args:
-        cfg: the evaluation config: ``data`` (root, dataset names, ``eval_split``) and ``eval`` (batch size,
+        cfg: the evaluation config: ``data`` (root, dataset names, ``eval_split``, ``vqa_eval_split``) and ``eval`` (batch size,
             ``max_new_tokens``, ``max_samples``). The model is rebuilt from the run's own config.
         checkpoint: a run folder, an adapter folder or a training checkpoint folder.
         split: one split for every set; default: VQA from ``cfg.data.vqa_eval_split``, the others from
@@ -635,7 +635,7 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
 
 
 class NoEvaluationData(FileNotFoundError):
-    """``safe eval`` found no annotations of the split for any of its evaluation sets."""
+    """``safe eval`` found no annotations of their splits for any of its evaluation sets."""
 
 
 def _uncapped(cfg: SAFEConfig) -> SAFEConfig:

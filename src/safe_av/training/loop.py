@@ -411,7 +411,7 @@ class Trainer:
                               max_seconds=self.cfg.data.max_audio_seconds, feature_cache=self.cache, **kw)
 
     def _retention(self) -> float | None:
-        """VQA accuracy on the held-out subset over the original model's (None without VQA data)."""
+        """VQA accuracy on the selection subset (``data.select_split``) over the original model's (None without VQA data)."""
         if not (self.vqa_subset and self.state.original_vqa_subset):
             return None
         score = ev.score_vqa(self._predict(self.vqa_subset))
@@ -428,14 +428,15 @@ class Trainer:
         self.state.original_vqa_accuracy = ev.score_vqa(self._predict(self.vqa_eval, model=original))
         self.state.original_vqa_subset = ev.score_vqa(self._predict(self.vqa_subset, model=original))
         self.state.original_vqa_questions = self._vqa_questions_digest()
+        log.info("original VQA accuracy %s", self.state.original_vqa_accuracy)
 
     def _vqa_questions_digest(self) -> str:
         ids = [[(s.dataset, s.id, s.image) for s in part] for part in (self.vqa_eval, self.vqa_subset)]
         return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
-        log.info("original VQA accuracy %s", self.state.original_vqa_accuracy)
 
     def _stage_eval(self, stage: CurriculumStage) -> tuple[float | None, float | None]:
-        """Held-out VL retention and the stage's audio accuracy (its difficulties, audio-dependent questions)."""
+        """VL retention on the selection subset and the stage's audio accuracy (its difficulties, audio-dependent
+        questions of ``data.select_split``)."""
         retention = self._retention()
         return retention, self._audio_accuracy(self.stage_pools.get(stage.name, []))
 
@@ -659,9 +660,9 @@ class Trainer:
             stream.configure(now.audio_ratio, list(now.difficulties))
 
     def _retention_tick(self) -> None:
-        """Held-out VL retention and audio accuracy during a phase that trains part of the base (LoRA, an unfrozen
+        """VL retention and audio accuracy (selection split) during a phase that trains part of the base (LoRA, an unfrozen
         module) outside the curriculum: where the VL ability is at risk, the report's curves go on. The audio
-        accuracy is on the held-out audio-dependent questions of every difficulty (the last stage's pool).
+        accuracy is on the selection split's audio-dependent questions of every difficulty.
         Logged only: neither drives the curriculum or ``train.best_metric`` here."""
         retention = self._retention()
         audio = self._audio_accuracy(self.audio_pool)
