@@ -13,10 +13,12 @@ train.pretrain.enabled=false), phase 2 (`fusion`: projector + fusion train), eve
 Also timed: SAFE forward+backward without the optimizer, SAFE with on-line audio encoding (no cache), and
 SAFE with ``model.frozen_prefix=false`` (the LM passes gradients through the image positions too, as the bare
 step does).
+Then the same bare-vs-SAFE comparison at larger batches (``--sweep``, default 32 and 64): per-operator cost is
+fixed per step, arithmetic grows with the batch, so the ratio's trend says which of the two the overhead is.
 Then a breakdown of the SAFE step by region (wall time of wrapped functions; CPU runs synchronously) and
 torch.profiler's top operators.
 
-    python bench/step_overhead.py [--reps 30] [--warmup 5]
+    python bench/step_overhead.py [--reps 30] [--warmup 5] [--sweep 32 64]
 """
 
 from __future__ import annotations
@@ -79,11 +81,56 @@ class Regions:
         self._undo.clear()
 
 
+def bare_step_of(run: "C.FusionPhaseStep"):
+    """The bare step on ``run``'s batch: transformers' ``Blip2ForConditionalGeneration`` forward with SAFE's audio
+    tokens as constant input embeddings, the only ones that need a gradient, and ``loss.backward()``. Returns the
+    step and the two losses on that batch (bare, SAFE), which agree."""
+    safe, batch = run.tr.model, run.batch
+    hf = safe.base.model
+    ids, am, labels, pix = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"]
+    audio_pos = ids == safe.audio_token_id
+    with torch.no_grad():
+        audio_vals = safe.build_inputs(**batch)["embeds"][audio_pos]  # SAFE's audio tokens, as constants
+    leaf = audio_vals.clone().requires_grad_(True)  # (B*K, D): the only input that needs a gradient
+    plain_ids = ids.masked_fill(audio_pos, safe.base.tokenizer.pad_token_id)
+
+    def bare_step():
+        emb = hf.get_input_embeddings()(plain_ids).masked_scatter(audio_pos.unsqueeze(-1), leaf)
+        out = hf(pixel_values=pix, input_ids=ids, attention_mask=am, inputs_embeds=emb, labels=labels)
+        out.loss.backward()
+        leaf.grad = None
+
+    with torch.no_grad():
+        emb = hf.get_input_embeddings()(plain_ids).masked_scatter(audio_pos.unsqueeze(-1), leaf)
+        bare_loss = float(hf(pixel_values=pix, input_ids=ids, attention_mask=am, inputs_embeds=emb,
+                             labels=labels).loss)
+        safe_loss = float(safe(**batch).loss)
+    return bare_step, bare_loss, safe_loss
+
+
+def batch_sweep(sizes: list[int], *, reps: int, warmup: int) -> list[list[str]]:
+    """The same comparison at other batch sizes (``train.phases.1.batch_size``): what is fixed per-operator cost
+    shrinks with the batch, what is arithmetic does not. Rows: batch, bare, SAFE, ratio wall, ratio CPU."""
+    rows = []
+    for bs in sizes:
+        run = C.FusionPhaseStep(f"step{bs}", f"train.phases.1.batch_size={bs}")
+        bare_step, _, _ = bare_step_of(run)
+        cpu: dict = {}
+        times = C.interleaved({"bare": bare_step, "safe": run.step}, warmup=warmup, reps=reps, cpu=cpu)
+        med = {k: C.median(v) for k, v in times.items()}
+        cmed = {k: C.median(v) for k, v in cpu.items()}
+        rows.append([str(bs), f"{med['bare'] * 1e3:.1f} ms", f"{med['safe'] * 1e3:.1f} ms",
+                     f"{med['safe'] / med['bare']:.2f}", f"{cmed['safe'] / cmed['bare']:.2f}"])
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    ap.add_argument("--sweep", type=int, nargs="*", default=[32, 64],
+                    help="also compare at these batch sizes (none: skip)")
     args = ap.parse_args()
     C.setup_threads()
     from safe_av.data.text import move_batch
@@ -120,25 +167,9 @@ def main() -> int:
     # ---- the bare transformers model on the same batch
     safe = tr.model
     hf = safe.base.model
-    ids, am, labels, pix = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"]
+    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     audio_pos = ids == safe.audio_token_id
-    with torch.no_grad():
-        audio_vals = safe.build_inputs(**batch)["embeds"][audio_pos]  # SAFE's audio tokens, as constants
-    leaf = audio_vals.clone().requires_grad_(True)  # (B*K, D): the only input that needs a gradient
-    plain_ids = ids.masked_fill(audio_pos, safe.base.tokenizer.pad_token_id)
-
-    def bare_step():
-        emb = hf.get_input_embeddings()(plain_ids).masked_scatter(audio_pos.unsqueeze(-1), leaf)
-        out = hf(pixel_values=pix, input_ids=ids, attention_mask=am, inputs_embeds=emb, labels=labels)
-        out.loss.backward()
-        leaf.grad = None
-
-    # same batch, same numbers: the two losses agree
-    with torch.no_grad():
-        emb = hf.get_input_embeddings()(plain_ids).masked_scatter(audio_pos.unsqueeze(-1), leaf)
-        bare_loss = float(hf(pixel_values=pix, input_ids=ids, attention_mask=am, inputs_embeds=emb,
-                             labels=labels).loss)
-        safe_loss = float(safe(**batch).loss)
+    bare_step, bare_loss, safe_loss = bare_step_of(run)
 
     cpu: dict = {}
     times = C.interleaved({"bare": bare_step, "safe": safe_step, "safe_fwd_bwd": safe_fwd_bwd,
@@ -148,6 +179,7 @@ def main() -> int:
     best = {k: min(v) for k, v in times.items()}
     ratio = med["safe"] / med["bare"]
     cratio = cmed["safe"] / cmed["bare"]
+    sweep = batch_sweep(args.sweep, reps=max(10, args.reps // 2), warmup=args.warmup) if args.sweep else []
 
     # ---- where the time goes: wall time per region over a few SAFE steps
     n_prof = max(5, args.reps // 3)
@@ -225,6 +257,12 @@ def main() -> int:
             C.md_table(["step", "median wall", "ratio", "best wall", "ratio", "median CPU time", "ratio"], rows), "",
             f"Target SAFE step / bare step <= {TARGET}: {C.verdict(ratio <= TARGET)} (median wall {ratio:.2f}; "
             f"median process CPU time {cratio:.2f}, which other jobs on the machine disturb less).", "",
+            *([f"The same comparison at larger batches (the demo's models and phase, `train.phases.1.batch_size`; "
+               f"median of {max(10, args.reps // 2)} interleaved repetitions each). What is per-operator cost stays "
+               "fixed per step while the arithmetic grows with the batch:", "",
+               C.md_table(["batch", "bare step", "SAFE step", "ratio (wall)", "ratio (CPU time)"],
+                          [[str(bs), ms(med["bare"]), ms(med["safe"]), f"{ratio:.2f}", f"{cratio:.2f}"]] + sweep),
+               ""] if sweep else []),
             f"FLOP floor of this comparison (`safe_av.flops`): SAFE {fl.total / 1e9:.2f} GFLOP per step vs bare "
             f"{bare_flops / 1e9:.2f} (projector + fusion, with the fusion's K/V over {parts_v} visual + "
             f"{n_prompt} prompt tokens per row; the {parts_v} image positions before the audio forward only): ratio "
