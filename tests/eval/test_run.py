@@ -453,7 +453,7 @@ def test_safe_eval_of_a_run_from_before_select_split_holds_out_its_eval_split(ru
 
 def test_safe_eval_counts_the_clips_it_cut(run, corpus, tmp_path):
     """A test clip longer than data.max_audio_seconds is read only as far as the encoder takes: its questions are
-    counted in truncated_audio and flagged in the predictions (the others are not)."""
+    counted in n_truncated_audio and flagged in the predictions (the others are not)."""
     import numpy as np
     import soundfile as sf
 
@@ -468,8 +468,26 @@ def test_safe_eval_counts_the_clips_it_cut(run, corpus, tmp_path):
     cfg.data.caption_dataset = ""
     result = evaluate_checkpoint(cfg, str(run), split=None, output=str(tmp_path / "m.json"))
     n_long = sum(s.audio == long_clip for s in samples)
-    assert result["truncated_audio"] == {"avqa": n_long} and n_long > 0
+    assert result["n_truncated_audio"] == {"avqa": n_long} and n_long > 0
     lines = [json.loads(x) for x in Path(result["predictions_file"]).read_text().splitlines()]
     flagged = {r["id"] for r in lines if r["set"] == "avqa" and r["condition"] == "safe" and r["audio_truncated"]}
     assert flagged == {s.id for s in samples if s.audio == long_clip}
     assert not any(r["audio_truncated"] for r in lines if r["set"] == "vqa")  # no audio: never cut
+
+
+def test_safe_eval_says_which_sets_it_skips_and_why(run, corpus, tmp_path, caplog):
+    """A set absent in its split is named on the console with the key its split came from (a typo in
+    data.eval_split used to show only in the JSON), and VQA v2's missing test split says why and what to use."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="safe_av.eval.run"):
+        result = evaluate_checkpoint(make_cfg(corpus), str(run), split="test", output=str(tmp_path / "a.json"))
+    assert "VQA v2 publishes no test answers" in result["missing_datasets"]["vqav2"]
+    assert "vqav2 is not evaluated (--split='test')" in caplog.text and "drop --split" in caplog.text
+    caplog.clear()
+    cfg = make_cfg(corpus)
+    cfg.data.eval_split = "tset"
+    with caplog.at_level(logging.WARNING, logger="safe_av.eval.run"):
+        result = evaluate_checkpoint(cfg, str(run), split=None, output=str(tmp_path / "b.json"))
+    assert set(result["missing_datasets"]) == {"musicavqa", "audiocaps"} and "safe_vqa_accuracy" in result
+    assert "musicavqa is not evaluated (data.eval_split='tset')" in caplog.text

@@ -192,8 +192,9 @@ def warn_truncated(path: str | Path, duration_s: float, max_seconds: float) -> N
     log.log(level, "audio clip cut: %s lasts %.2f s; only its first %g s are used (data.max_audio_seconds)",
             path, duration_s, max_seconds)
     if n == CUT_WARNINGS:
-        log.warning("further cut clips are logged at DEBUG only; every one is counted (truncated_audio in "
-                    "metrics.json, 'truncated' in the feature cache's stats)")
+        log.warning("further cut clips are logged at DEBUG only; every one is counted (metrics.json: truncated_audio, "
+                    "eval_samples.*.truncated_audio; safe eval: n_truncated_audio; the feature cache's stats: "
+                    "'truncated')")
 
 
 def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:

@@ -416,6 +416,9 @@ def _without_selection(cfg: SAFEConfig, run_cfg: SAFEConfig, splits: dict, vqa: 
     from safe_av.training.data import Corpus, eval_datasets, held_out, read_corpus, selection
 
     held = {"vqa": 0, "avqa": 0}
+    if cfg.data.select_split != chosen_split:
+        log.warning("data.select_split=%r of the evaluation config is not used: the questions left out are those the "
+                    "run evaluated on during training, in its own split %r", cfg.data.select_split, chosen_split)
     if chosen_split in (splits["vqa"], splits["avqa"]):
         corpus = Corpus()
         for name in eval_datasets(run_cfg):
@@ -433,6 +436,19 @@ def _without_selection(cfg: SAFEConfig, run_cfg: SAFEConfig, splits: dict, vqa: 
                      "run evaluated on during training (its data.select_split)", k, name, splits[name])
     cap = cfg.eval.max_samples
     return (vqa[:cap], avqa[:cap]), held, chosen_split
+
+
+def _explain_missing(missing: dict, cfg: SAFEConfig, split: str | None) -> None:
+    """Say on the console which evaluation sets are absent and where their split came from (a typo in a split key
+    would otherwise only show in the JSON's ``missing_datasets``); VQA v2 has no public test answers."""
+    for name in list(missing):
+        is_vqa = name == cfg.data.vqa_dataset
+        used = split or (cfg.data.vqa_eval_split if is_vqa else cfg.data.eval_split)
+        if is_vqa and name == "vqav2" and used.startswith("test"):
+            missing[name] += ("; VQA v2 publishes no test answers: its final metrics use data.vqa_eval_split "
+                              f"({cfg.data.vqa_eval_split!r}); drop --split or use --split val")
+        source = "--split" if split else ("data.vqa_eval_split" if is_vqa else "data.eval_split")
+        log.warning("%s is not evaluated (%s=%r): %s", name, source, used, missing[name])
 
 
 def _read_split(cfg: SAFEConfig, name: str, split: str, missing: dict, bad: list | None = None, *,
@@ -543,6 +559,7 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
     avqa = _read_split(cfg, cfg.data.avqa_dataset, splits["avqa"], missing, bad, cap=False)
     caps = (_read_split(cfg, cfg.data.caption_dataset, splits["caption"], missing, bad)
             if cfg.data.caption_dataset else [])
+    _explain_missing(missing, cfg, split)
     (vqa, avqa), held, selection_split = _without_selection(cfg, loaded.cfg, splits, vqa, avqa,
                                                             _run_select_split(loaded))
     if not (vqa or avqa or caps):
@@ -620,7 +637,7 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
                                                 batch_size=cfg.eval.batch_size, feature_cache=cache)
     result["n_evaluated"] = evaluated
     # questions whose clip was longer than data.max_audio_seconds and was cut (the "safe" condition's records)
-    result["truncated_audio"] = {name: ev.truncated([r for set_name, cond, r in lines
+    result["n_truncated_audio"] = {name: ev.truncated([r for set_name, cond, r in lines
                                                      if set_name == name and cond == "safe"])
                                  for name in ("avqa", "caption") if name in evaluated}
     result["skipped_samples"] = sum(result["n_samples"][k] - evaluated.get(k, 0) for k in result["n_samples"])
