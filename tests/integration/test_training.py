@@ -1,6 +1,7 @@
 """Stage A end to end on tiny models: phases, exact resume, metrics."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -356,3 +357,28 @@ def test_a_resume_onto_other_evaluation_questions_rescores_the_original(full_run
     assert len(scored) == 1 and len(scored[0]) == 1
     assert tr.state.original_vqa_questions == tr._vqa_questions_digest()
     assert json.loads((run / "metrics.json").read_text())["eval_samples"]["vqa"]["held_out"] == 3
+
+
+def test_safe_eval_of_a_run_scores_its_final_questions(full_run, tmp_path):
+    """`safe eval` of a finished run, with the run's config, scores exactly the questions of the run's final
+    metrics (same splits, same held-out images and videos) and gets the same answers."""
+    from safe_av.config import load_config
+    from safe_av.eval.run import evaluate_checkpoint
+
+    _, tmp, metrics = full_run
+    run = tmp / "run"
+    cfg = load_config(run / "config.yaml")
+    result = evaluate_checkpoint(cfg, str(run), split=None, output=str(tmp_path / "eval.json"))
+    assert result["splits"]["vqa"] == metrics["eval_splits"]["vqa"] and result["selection_split"] == "val"
+    assert result["held_out"] == {k: metrics["eval_samples"][k]["held_out"] for k in ("vqa", "avqa")}
+    assert result["n_evaluated"]["vqa"] == metrics["eval_samples"]["vqa"]["evaluated"] > 0
+    assert result["n_evaluated"]["avqa"] == metrics["eval_samples"]["avqa"]["evaluated"] > 0
+
+    def answers(path, set_name):
+        return {r["id"]: r["prediction"] for r in map(json.loads, Path(path).read_text().splitlines())
+                if r["set"] == set_name and r["condition"] == "safe"}
+
+    for set_name in ("vqa", "avqa"):
+        assert answers(result["predictions_file"], set_name) == answers(run / "predictions.jsonl", set_name)
+    assert result["safe_vqa_accuracy"] == pytest.approx(metrics["safe_vqa_accuracy"])
+    assert result["avqa_accuracy"] == pytest.approx(metrics["avqa_accuracy"])
