@@ -299,10 +299,12 @@ def test_checkpoints_record_where_the_base_is_and_what_it_was(full_run):
             assert meta[key] == adapter[key], key
 
 
-def test_final_metrics_never_use_what_the_training_evaluated_on(small_corpus, tmp_path):
+def test_final_metrics_never_use_what_the_training_evaluated_on(small_corpus, tmp_path, caplog):
     """Selection (the training's own evaluations) reads data.select_split; the final AVQA set is the test split,
     and the final VQA set (VQA v2 has no test answers: val) leaves out every image the retention subset uses.
     With AVQA's final split set to the selection split, the videos of every stage pool are left out too."""
+    import logging
+
     from safe_av.data.formats import read
     from safe_av.training.data import sample_group
 
@@ -329,9 +331,12 @@ def test_final_metrics_never_use_what_the_training_evaluated_on(small_corpus, tm
     pools = [s for pool in tr.stage_pools.values() for s in pool] + tr.audio_pool
     assert tr.held_out["avqa"] > 0 and tr.held_out["avqa"] + len(tr.avqa_eval) == len(ids["musicavqa", "val"])
     assert not {sample_group(s) for s in tr.avqa_eval} & {sample_group(s) for s in pools}
-    # nothing shared: nothing left out
-    tr = subsets(**{"data.vqa_eval_split": "train"})
+    # nothing shared: nothing left out; a training split as a final split is allowed, with a warning
+    with caplog.at_level(logging.WARNING, logger="safe_av.training.data"):
+        tr = subsets(**{"data.vqa_eval_split": "train"})
     assert tr.held_out == {"vqa": 0, "avqa": 0} and tr.eval_splits["vqa"] == "train"
+    assert "data.vqa_eval_split='train' is a training split: the final VQA metrics measure what was trained on" \
+        in caplog.text
 
 
 def test_a_resume_onto_other_evaluation_questions_rescores_the_original(full_run, tmp_path, monkeypatch):

@@ -61,6 +61,11 @@ def read_eval_corpora(cfg: SAFEConfig) -> tuple[Corpus, Corpus]:
     """(selection corpus, final-evaluation corpus): ``data.select_split`` and the final splits
     (:func:`final_splits`) of :func:`eval_datasets`."""
     names = eval_datasets(cfg)
+    for key, what in (("select_split", "the evaluations during training"), ("eval_split", "the final AVQA metrics"),
+                      ("vqa_eval_split", "the final VQA metrics")):
+        if getattr(cfg.data, key) in ("train", "development"):  # development: Clotho's name for train
+            log.warning("data.%s=%r is a training split: %s measure what was trained on", key,
+                        getattr(cfg.data, key), what)
     try:
         select = read_corpus(cfg.data, names, cfg.data.select_split)
     except FileNotFoundError as err:
