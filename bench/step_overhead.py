@@ -257,9 +257,10 @@ def main() -> int:
             C.md_table(["step", "median wall", "ratio", "best wall", "ratio", "median CPU time", "ratio"], rows), "",
             f"Target SAFE step / bare step <= {TARGET}: {C.verdict(ratio <= TARGET)} (median wall {ratio:.2f}; "
             f"median process CPU time {cratio:.2f}, which other jobs on the machine disturb less).", "",
-            *([f"The same comparison at larger batches (the demo's models and phase, `train.phases.1.batch_size`; "
-               f"median of {max(10, args.reps // 2)} interleaved repetitions each). What is per-operator cost stays "
-               "fixed per step while the arithmetic grows with the batch:", "",
+            *([f"The same comparison at larger batches (the demo's models and phase, `train.phases.1.batch_size`). "
+               "The batch-16 row is the comparison above; each other row is its own bare-vs-SAFE run, median of "
+               f"{max(10, args.reps // 2)} interleaved repetitions. What is per-operator cost stays fixed per step "
+               "while the arithmetic grows with the batch:", "",
                C.md_table(["batch", "bare step", "SAFE step", "ratio (wall)", "ratio (CPU time)"],
                           [[str(bs), ms(med["bare"]), ms(med["safe"]), f"{ratio:.2f}", f"{cratio:.2f}"]] + sweep),
                ""] if sweep else []),

@@ -355,6 +355,11 @@ def test_a_resume_onto_other_evaluation_questions_rescores_the_original(full_run
                         lambda self: scored.append([s.id for s in self.vqa_subset]) or real(self))
     Trainer(cfg, run, resume="latest").train()
     assert scored == []
+    moved = copy.deepcopy(cfg)  # the same data read from another folder (a resume on another machine)
+    moved.data.root = str(tmp_path / "moved")
+    shutil.copytree(cfg.data.root, moved.data.root)
+    Trainer(moved, run, resume="latest").train()
+    assert scored == []
     changed = copy.deepcopy(cfg)
     changed.curriculum.eval_samples = 1
     tr = Trainer(changed, run, resume="latest")

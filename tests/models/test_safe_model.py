@@ -118,9 +118,15 @@ def test_idle_lora_is_switched_off_exactly_and_back_on_when_it_matters(tiny_mode
         lora_b[0].fill_(0.1)  # e.g. a trained LoRA loaded from a checkpoint
         assert model.sync_lora_active()
         changed = model(**batch).logits
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        # this phase does not train them, trained or not (peft's enable_adapters(True) used to make them trainable:
+        # a phase after the LoRA one would have put them in its optimizer)
+        assert lora and not any(p.requires_grad for p in lora)
+        assert not any("lora_" in n for n in model.trainable_parameters())
         with model.adapters_disabled():  # the teacher's switch restores the state it found
             assert torch.equal(model(**batch).logits, on)
         assert model.lora_active and torch.equal(model(**batch).logits, changed)
+        assert not any(p.requires_grad for p in lora)  # peft's enable_adapters(True) had set them trainable
         assert (changed - on).abs().max() > 1e-4
 
 

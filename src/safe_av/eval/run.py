@@ -162,12 +162,12 @@ def pretrain_inputs(cfg: SAFEConfig) -> tuple[list[Sample], list[Sample]]:
 
     Mirrors ``Trainer._prepare_data`` / ``Trainer._build_model``, so the cache key is the run's.
     """
-    from safe_av.training.data import read_corpus, read_eval_corpora
+    from safe_av.training.data import eval_datasets, read_corpus
     from safe_av.training.loop import image_question
 
     names = sorted({d for p in cfg.train.phases for d in p.datasets} | {cfg.data.vqa_dataset})
     train = read_corpus(cfg.data, names, "train")
-    select, _ = read_eval_corpora(cfg)
+    select = read_corpus(cfg.data, eval_datasets(cfg), cfg.data.select_split)  # what Trainer reads for it
     vl_train = [s for s in train.samples if s.image is not None and (s.audio is None or image_question(s))]
     return vl_train, train.samples + select.samples  # never the split reported on
 
@@ -444,7 +444,7 @@ def _explain_missing(missing: dict, cfg: SAFEConfig, split: str | None) -> None:
     for name in list(missing):
         is_vqa = name == cfg.data.vqa_dataset
         used = split or (cfg.data.vqa_eval_split if is_vqa else cfg.data.eval_split)
-        if is_vqa and name == "vqav2" and used.startswith("test"):
+        if is_vqa and name == "vqav2" and used.startswith("test") and (Path(cfg.data.root) / name).is_dir():
             missing[name] += ("; VQA v2 publishes no test answers: its final metrics use data.vqa_eval_split "
                               f"({cfg.data.vqa_eval_split!r}); drop --split or use --split val")
         source = "--split" if split else ("data.vqa_eval_split" if is_vqa else "data.eval_split")

@@ -176,8 +176,7 @@ class SAFEModel(nn.Module):
             return False
         lora = [(n, p) for n, p in self.base.language_model_module().named_parameters() if "lora_" in n]
         active = any(p.requires_grad for _, p in lora) or any(bool(p.any()) for n, p in lora if "lora_B" in n)
-        for m in layers:
-            m.enable_adapters(active)
+        _enable_adapters(layers, active)
         self.lora_active = active
         return active
 
@@ -402,13 +401,11 @@ class SAFEModel(nn.Module):
         if not layers:
             yield
             return
-        for m in layers:
-            m.enable_adapters(False)
+        _enable_adapters(layers, False)
         try:
             yield
         finally:
-            for m in layers:
-                m.enable_adapters(self.lora_active)
+            _enable_adapters(layers, self.lora_active)
 
     def vision_path_original(self) -> bool:
         """True when every base module that any phase unfroze lies inside the language model."""
@@ -655,6 +652,18 @@ def check_adapter_family(recorded: dict, source: str | Path, *, base: BaseVL | N
         if want and want != found:
             raise ValueError(f"{source}: {key}={want!r}: the adapter was trained with a {want} {what}, but the "
                              f"{what} given is a {found} one; load it around the {what} it was trained with")
+
+
+def _enable_adapters(layers: list, active: bool) -> None:
+    """peft's ``enable_adapters`` on each LoRA layer, keeping every parameter's ``requires_grad``: peft's
+    ``enable_adapters(True)`` also makes the LoRA weights trainable, which would let a phase that does not train
+    LoRA (after the one that did, or with trained LoRA loaded) compute their gradients - and put them in its
+    optimizer."""
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for m in layers:
+        m.enable_adapters(active)
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 def _pack(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -406,7 +406,7 @@ class Trainer:
         # and sampling read, and the same run evaluated at other steps would train differently.
         device = self.acc.device
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            return ev.predict(model or self.model, self.processor, samples, batch_size=self.cfg.eval.batch_size,
+            return ev.predict(model if model is not None else self.model, self.processor, samples, batch_size=self.cfg.eval.batch_size,
                               max_new_tokens=self.cfg.eval.max_new_tokens,
                               max_seconds=self.cfg.data.max_audio_seconds, feature_cache=self.cache, **kw)
 
@@ -431,8 +431,9 @@ class Trainer:
         log.info("original VQA accuracy %s", self.state.original_vqa_accuracy)
 
     def _vqa_questions_digest(self) -> str:
-        ids = [[(s.dataset, s.id, s.image) for s in part] for part in (self.vqa_eval, self.vqa_subset)]
-        return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+        # splits and ids, not paths: a resume may read the same data from another root (data.root is free)
+        ids = [[(s.dataset, s.id) for s in part] for part in (self.vqa_eval, self.vqa_subset)]
+        return hashlib.sha256(json.dumps([self.eval_splits, ids]).encode()).hexdigest()[:16]
 
     def _stage_eval(self, stage: CurriculumStage) -> tuple[float | None, float | None]:
         """VL retention on the selection subset and the stage's audio accuracy (its difficulties, audio-dependent
