@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 from collections import Counter, defaultdict
 
@@ -87,10 +88,34 @@ def loaded(samples: list[Sample], records: list[dict]) -> list[Sample]:
 
 
 def score_vqa(records: list[dict]) -> float | None:
-    """Mean official VQA accuracy (fraction); ``None`` without records (every sample failed to load)."""
+    """Mean official VQA accuracy (fraction); ``None`` without records (every sample failed to load). Sets each
+    record's ``score`` (its own VQA accuracy), as :func:`score_avqa` sets ``correct``."""
     if not records:
         return None
-    return sum(vqa_accuracy(r["prediction"], r["answers"]) for r in records) / len(records)
+    for r in records:
+        r["score"] = vqa_accuracy(r["prediction"], r["answers"])
+    return sum(r["score"] for r in records) / len(records)
+
+
+class PredictionLog:
+    """The records behind an evaluation's metrics, one per question and condition, as ``(set, condition, record)``;
+    written one JSON line each (``set``, ``condition`` and the record's keys) by ``safe train`` and ``safe eval``.
+    Records are kept by reference: the ``score`` / ``correct`` the scorers set later are written too."""
+
+    def __init__(self):
+        self.lines: list[tuple[str, str, dict]] = []
+
+    def keep(self, records: list[dict], set_name: str, condition: str) -> list[dict]:
+        self.lines.extend((set_name, condition, r) for r in records)
+        return records
+
+    def of(self, set_name: str, condition: str) -> list[dict]:
+        return [r for s, c, r in self.lines if s == set_name and c == condition]
+
+    def write(self, path) -> None:
+        with open(path, "w") as f:
+            for set_name, condition, r in self.lines:
+                f.write(json.dumps(dict(set=set_name, condition=condition, **r), default=str) + "\n")
 
 
 def score_avqa(records: list[dict]) -> dict:

@@ -546,7 +546,7 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
     Returns:
         The metrics written (keys in ``docs/inference.md``).
     """
-    from safe_av.eval.metrics import caption_metrics, vqa_accuracy
+    from safe_av.eval.metrics import caption_metrics
 
     splits = {"vqa": split or cfg.data.vqa_eval_split, "avqa": split or cfg.data.eval_split,
               "caption": split or cfg.data.eval_split}
@@ -575,12 +575,8 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
                           max_seconds=cfg.data.max_audio_seconds, feature_cache=cache, **kw)
 
     original = OriginalModel(model)
-    lines: list[tuple[str, str, dict]] = []
-
-    def keep(records, set_name, condition):
-        # the records themselves: their ``score`` / ``correct`` are set after this (written at the end)
-        lines.extend((set_name, condition, r) for r in records)
-        return records
+    predictions = ev.PredictionLog()  # the records themselves: their score / correct are set after keep()
+    keep = predictions.keep
 
     result: dict = {
         "checkpoint": str(checkpoint), "checkpoint_kind": loaded.files.kind, "weights": str(loaded.files.weights),
@@ -594,8 +590,6 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
     if vqa:
         safe_recs = keep(run(vqa), "vqa", "safe")
         orig_recs = keep(run(vqa, target=original), "vqa", "original")
-        for r in safe_recs + orig_recs:
-            r["score"] = vqa_accuracy(r["prediction"], r["answers"])
         safe_acc, orig_acc = ev.score_vqa(safe_recs), ev.score_vqa(orig_recs)
         evaluated["vqa"] = len(safe_recs)
         result.update(original_vqa_accuracy=orig_acc, safe_vqa_accuracy=safe_acc,
@@ -637,16 +631,13 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
                                                 batch_size=cfg.eval.batch_size, feature_cache=cache)
     result["n_evaluated"] = evaluated
     # questions whose clip was longer than data.max_audio_seconds and was cut (the "safe" condition's records)
-    result["n_truncated_audio"] = {name: ev.truncated([r for set_name, cond, r in lines
-                                                     if set_name == name and cond == "safe"])
-                                 for name in ("avqa", "caption") if name in evaluated}
+    result["n_truncated_audio"] = {name: ev.truncated(predictions.of(name, "safe"))
+                                   for name in ("avqa", "caption") if name in evaluated}
     result["skipped_samples"] = sum(result["n_samples"][k] - evaluated.get(k, 0) for k in result["n_samples"])
     pred_path = _predictions_path(out_path)
     result["predictions_file"] = str(pred_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(pred_path, "w") as f:
-        for set_name, condition, r in lines:
-            f.write(json.dumps(dict(set=set_name, condition=condition, **r), default=str) + "\n")
+    predictions.write(pred_path)
     out_path.write_text(json.dumps(json_safe(result), indent=2))
     return result
 

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from safe_av.config import ConfigError, PhaseConfig, SAFEConfig, config_to_yaml, to_dict
 from safe_av.data.text import SAFEProcessor, move_batch
 from safe_av.eval import evaluate as ev
-from safe_av.eval.metrics import vqa_accuracy
 from safe_av.flops import mfu, peak_flops, training_flops_per_step
 from safe_av.models.build import build_audio_encoder, build_base, build_safe_model
 from safe_av.models.presets import TINY_BASES
@@ -444,11 +443,7 @@ class Trainer:
     def _audio_accuracy(self, pool) -> float | None:
         """Exact-match accuracy on ``pool``'s audio questions; None without any (or when every clip of the pool
         failed to load: each skip is logged)."""
-        recs = self._predict(pool) if pool else []
-        if not recs:
-            return None
-        return sum(ev.normalize_answer(r["prediction"]) == ev.normalize_answer(r["answers"][0])
-                   for r in recs) / len(recs)
+        return ev.score_avqa(self._predict(pool) if pool else [])["overall"]
 
     # ================================================================== the loop
 
@@ -815,7 +810,7 @@ class Trainer:
             self.model.save_pretrained(self.out / "adapter", extra_config={
                 "base": self.cfg.model.base, "audio_encoder": self.cfg.model.audio_encoder, **self._locations(),
                 "model": to_dict(self.cfg.model)})
-        predictions: list = []
+        predictions = ev.PredictionLog()
         metrics = evaluate_run(self, predictions)
         metrics.update(curriculum_stages=self._stage_starts(), skipped_samples=st.skipped_samples,
                        skipped_steps=st.skipped_steps, truncated_audio=st.truncated_audio,
@@ -823,9 +818,7 @@ class Trainer:
                        phase_starts=st.phase_starts, train_seconds=round(time.time() - self.t0, 1))
         if self.main:
             (self.out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
-            with open(self.out / PREDICTIONS_FILE, "w") as f:  # per question: for error analysis and bootstrap CIs
-                for set_name, condition, r in predictions:
-                    f.write(json.dumps(dict(set=set_name, condition=condition, **r), default=str) + "\n")
+            predictions.write(self.out / PREDICTIONS_FILE)  # per question: for error analysis and bootstrap CIs
             try:
                 from safe_av.eval.report import write_report
 
@@ -839,25 +832,19 @@ class Trainer:
         return dict(self.curriculum.stage_start_steps) if self.curriculum is not None else {}
 
 
-def evaluate_run(trainer: Trainer, predictions: list | None = None) -> dict:
+def evaluate_run(trainer: Trainer, predictions: ev.PredictionLog | None = None) -> dict:
     """The metrics ``metrics.json`` promises (see docs/interfaces.md). Each record behind them (one per question
-    and condition) is appended to ``predictions`` as ``(set, condition, record)`` when it is given."""
+    and condition) is kept in ``predictions`` when it is given."""
     t = trainer
-
-    def keep(records, set_name, condition):
-        if predictions is not None:
-            predictions.extend((set_name, condition, r) for r in records)
-        return records
+    keep = (predictions if predictions is not None else ev.PredictionLog()).keep
 
     out: dict = {"original_vqa_accuracy": t.state.original_vqa_accuracy}
     counts: dict = {}
     if t.vqa_eval:
         recs = keep(t._predict(t.vqa_eval), "vqa", "safe")
-        for r in recs:
-            r["score"] = vqa_accuracy(r["prediction"], r["answers"])
+        safe_vqa = ev.score_vqa(recs)  # sets each record's "score"
         counts["vqa"] = {"evaluated": len(recs), "skipped": len(t.vqa_eval) - len(recs),
                          "held_out": t.held_out["vqa"], "truncated_audio": ev.truncated(recs)}
-        safe_vqa = ev.score_vqa(recs)
         out["safe_vqa_accuracy"] = safe_vqa
         orig = t.state.original_vqa_accuracy
         out["vl_retention"] = safe_vqa / orig if (orig and safe_vqa is not None) else None
