@@ -17,6 +17,16 @@ def _config(args):
     return load_config(args.config, args.set)
 
 
+def _audio_seconds(value: str) -> float:
+    """``--max-audio-seconds``: the range ``data.max_audio_seconds`` accepts."""
+    from safe_av.config import MAX_AUDIO_SECONDS
+
+    seconds = float(value)
+    if not 0 < seconds <= MAX_AUDIO_SECONDS:
+        raise argparse.ArgumentTypeError(f"{value}: must be in (0, {MAX_AUDIO_SECONDS:g}]")
+    return seconds
+
+
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="YAML config (see configs/)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
@@ -161,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", nargs="*", default=None, metavar="SPLIT",
                    help="splits to check (default: every standard split that has an annotation file); a named "
                         "split without one is an error")
-    q.add_argument("--max-audio-seconds", type=float, default=10.0,
-                   help="the part of each clip training uses (data.max_audio_seconds): a clip silent there is bad")
+    q.add_argument("--max-audio-seconds", type=_audio_seconds, default=None,
+                   help="the part of each clip training uses (default: data.max_audio_seconds' default): a clip "
+                        "silent there is bad")
     q = dsub.add_parser("cache", help="write the frozen audio-feature cache")
     _add_config(q)
     q.add_argument("--out", default=None, help="cache folder (default: data.feature_cache)")

@@ -150,6 +150,14 @@ class DataConfig:
     ``train.best_metric``. Where it is also a final-metrics split (VQA v2's val by default) the images and videos
     those evaluations read are left out of the final metrics, so nothing training chose on is reported."""
 
+    def final_split_key(self, dataset: str) -> str:
+        """The key naming the split ``dataset``'s final metrics are measured on: ``vqa_eval_split`` for the VQA set,
+        ``eval_split`` for the others."""
+        return "vqa_eval_split" if dataset == self.vqa_dataset else "eval_split"
+
+    def final_split(self, dataset: str) -> str:
+        return getattr(self, self.final_split_key(dataset))
+
     def __post_init__(self):
         _check(0 < self.max_audio_seconds <= MAX_AUDIO_SECONDS, "max_audio_seconds", self.max_audio_seconds,
                f"must be in (0, {MAX_AUDIO_SECONDS:g}] (every clip is padded or cut to it; CLAP takes 10 s, Whisper "

@@ -143,3 +143,13 @@ def test_data_error_told_under_its_field_and_file():
         == "003.jpg: corrupt"
     assert DataError("/d/frames/v1/003.jpg", "image", "x", "003.jpg is corrupt").detail_under("image", "/d/frames/v1") \
         == "003.jpg is corrupt"
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "601"])
+def test_validate_refuses_a_max_audio_seconds_outside_the_config_range(value, capsys):
+    """0 used to become 10 silently (``or 10.0``) and a negative value judged every clip silent."""
+    from safe_av.cli import main as cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli(["data", "validate", "--format", "musicavqa", "--root", ".", "--max-audio-seconds", value])
+    assert exc.value.code == 2 and f"--max-audio-seconds: {value}: must be in (0, 600]" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safe_av.config import DataConfig
 from safe_av.data.audio import audio_problem
 from safe_av.data.formats import READERS, SPLITS, audiocaps, avsd, clotho, musicavqa, vqav2
 from safe_av.data.records import BadEntry, DataError, ReadResult
@@ -55,7 +56,7 @@ class ValidationReport:
 
 
 def validate(format: str, root: str | Path, splits: list[str] | None = None, *,
-             max_audio_seconds: float = 10.0) -> ValidationReport:
+             max_audio_seconds: float | None = None) -> ValidationReport:
     """Read every record and open every media file of a dataset.
 
     Args:
@@ -63,8 +64,8 @@ def validate(format: str, root: str | Path, splits: list[str] | None = None, *,
         root: the dataset root (layouts in ``safe_av/data/formats/LAYOUTS.md``).
         splits: splits to check; None checks each standard split whose annotation
             file exists (and fails if there is none).
-        max_audio_seconds: the part of each clip training uses (``data.max_audio_seconds``): silence is judged
-            on it, as the loader judges it.
+        max_audio_seconds: the part of each clip training uses (``data.max_audio_seconds``; None: its default):
+            silence is judged on it, as the loader judges it.
 
     Raises:
         ValueError: unknown format.
@@ -93,7 +94,8 @@ def validate(format: str, root: str | Path, splits: list[str] | None = None, *,
             report.bad.append(BadEntry(_annotation_file(format, root, split), "entries", 0, why))
         for reason, n in result.skipped.items():
             report.skipped[reason] = report.skipped.get(reason, 0) + n
-        _check_media(result, checked, report, max_audio_seconds)
+        _check_media(result, checked, report,
+                     DataConfig().max_audio_seconds if max_audio_seconds is None else max_audio_seconds)
     if not report.samples:
         why = ("the folder does not exist" if not Path(root).is_dir()
                else "no split annotation file found (layouts: safe_av/data/formats/LAYOUTS.md)")
@@ -142,7 +144,7 @@ def main_validate(args: argparse.Namespace) -> int:
         0 when everything is usable, 1 otherwise.
     """
     report = validate(args.format, args.root, getattr(args, "split", None) or None,
-                      max_audio_seconds=getattr(args, "max_audio_seconds", None) or 10.0)
+                      max_audio_seconds=getattr(args, "max_audio_seconds", None))
     print(report.summary())
     for entry in report.bad:
         print(f"  BAD {entry}")

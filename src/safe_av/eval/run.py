@@ -442,12 +442,11 @@ def _explain_missing(missing: dict, cfg: SAFEConfig, split: str | None) -> None:
     """Say on the console which evaluation sets are absent and where their split came from (a typo in a split key
     would otherwise only show in the JSON's ``missing_datasets``); VQA v2 has no public test answers."""
     for name in list(missing):
-        is_vqa = name == cfg.data.vqa_dataset
-        used = split or (cfg.data.vqa_eval_split if is_vqa else cfg.data.eval_split)
-        if is_vqa and name == "vqav2" and used.startswith("test") and (Path(cfg.data.root) / name).is_dir():
+        used = split or cfg.data.final_split(name)
+        if name == cfg.data.vqa_dataset == "vqav2" and used.startswith("test") and (Path(cfg.data.root) / name).is_dir():
             missing[name] += ("; VQA v2 publishes no test answers: its final metrics use data.vqa_eval_split "
                               f"({cfg.data.vqa_eval_split!r}); drop --split or use --split val")
-        source = "--split" if split else ("data.vqa_eval_split" if is_vqa else "data.eval_split")
+        source = "--split" if split else "data." + cfg.data.final_split_key(name)
         log.warning("%s is not evaluated (%s=%r): %s", name, source, used, missing[name])
 
 
@@ -548,7 +547,7 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
     """
     from safe_av.eval.metrics import caption_metrics
 
-    splits = {"vqa": split or cfg.data.vqa_eval_split, "avqa": split or cfg.data.eval_split,
+    splits = {"vqa": split or cfg.data.final_split(cfg.data.vqa_dataset), "avqa": split or cfg.data.eval_split,
               "caption": split or cfg.data.eval_split}
     out_path = Path(output)
     loaded = load_checkpoint(checkpoint, cfg, allow_pretrain=True)

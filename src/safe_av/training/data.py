@@ -52,9 +52,8 @@ def eval_datasets(cfg: SAFEConfig) -> list[str]:
 
 
 def final_splits(cfg: DataConfig, datasets: list[str]) -> dict[str, str]:
-    """The split each dataset's final metrics are measured on: ``vqa_eval_split`` for the VQA set, ``eval_split``
-    for the others."""
-    return {d: cfg.vqa_eval_split if d == cfg.vqa_dataset else cfg.eval_split for d in datasets}
+    """The split each dataset's final metrics are measured on (:meth:`DataConfig.final_split`)."""
+    return {d: cfg.final_split(d) for d in datasets}
 
 
 def read_eval_corpora(cfg: SAFEConfig) -> tuple[Corpus, Corpus]:
@@ -73,7 +72,7 @@ def read_eval_corpora(cfg: SAFEConfig) -> tuple[Corpus, Corpus]:
     splits = final_splits(cfg.data, names)
     final = Corpus()
     for name in names:
-        key = "data.vqa_eval_split" if name == cfg.data.vqa_dataset else "data.eval_split"
+        key = "data." + cfg.data.final_split_key(name)
         if splits[name] == cfg.data.select_split:  # read once: the same files
             final.samples += select.of(name)
             continue
