@@ -366,18 +366,23 @@ def test_stage_timeline_ends_each_stage_and_says_why(tmp_path: Path):
 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({
         "train": {"phases": [{"name": "a"}, {"name": "b", "curriculum": True}, {"name": "c"}]},
-        "curriculum": {"stages": [{"name": "s1", "audio_ratio": 0.25}, {"name": "s2", "audio_ratio": 0.5}]}}))
+        "curriculum": {"stages": [{"name": "s1", "audio_ratio": 0.25}, {"name": "s2", "audio_ratio": 0.5},
+                                  {"name": "s3", "audio_ratio": 1.0}]}}))
     (tmp_path / "metrics.json").write_text(json.dumps({
-        "curriculum_stages": {"s1": 10, "s2": 30}, "phase_starts": {"0": 0, "1": 10, "2": 50}, "steps": 80}))
+        "curriculum_stages": {"s1": 10, "s2": 30, "s3": 40}, "phase_starts": {"0": 0, "1": 10, "2": 50},
+        "steps": 80}))
     (tmp_path / "metrics.jsonl").write_text(
         json.dumps({"event": "stage_change", "step": 30, "from": "s1", "to": "s2", "audio_ratio": 0.5,
-                    "reason": "audio accuracy 0.72 >= 0.70 and retention 0.99 >= 0.95"}) + "\n")
+                    "reason": "audio accuracy 0.72 >= 0.70 and retention 0.99 >= 0.95", "forced": False}) + "\n"
+        + json.dumps({"event": "stage_change", "step": 40, "from": "s2", "to": "s3", "audio_ratio": 1.0,
+                      "reason": "max_steps reached (10 >= 10)", "forced": True}) + "\n")
     page = write_report(tmp_path).read_text()
     section = page[page.index("<h2>Curriculum stages"):page.index("<h2>Phase, stage and weight changes")]
     rows = [re.findall(r"<td>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", section)][1:]
     assert rows == [["s1", "10", "30", "20", "0.250", "audio accuracy 0.72 &gt;= 0.70 and retention 0.99 &gt;= 0.95"],
-                    ["s2", "30", "50", "20", "0.500", "still in this stage when the curriculum&#x27;s phases ended"]]
-    assert "0 of 1 stage changes came from reaching the stage" in section
+                    ["s2", "30", "40", "10", "0.500", "max_steps reached (10 &gt;= 10)"],
+                    ["s3", "40", "50", "10", "1.000", "still in this stage when the curriculum&#x27;s phases ended"]]
+    assert "1 of 2 stage changes came from reaching the stage" in section
 
 
 def test_log_scale_choice_keeps_small_terms_visible_when_some_are_zero():
@@ -412,3 +417,19 @@ def test_report_setup_names_the_selection_split_and_what_was_left_out(tmp_path: 
     assert "The final metrics of VQA (val) come from that split too, without every image and video" in page
     assert "not an untouched test set" not in page
     assert "Evaluations during training, on the val split" in page
+
+
+def test_retention_caption_counts_a_changed_base_in_every_later_phase():
+    """'Retention is 1 by construction' only while nothing in the base has changed: not in a phase after the one
+    that trained LoRA or an unfrozen module, and `unfreeze` without `base` in `train` trains nothing (as in the
+    trainer)."""
+    from safe_av.eval.report import _retention_caption
+
+    phases = [{"name": "warm", "train": ["projector"], "unfreeze": ["qformer"]},  # unfreeze alone: nothing
+              {"name": "e2e", "train": ["projector", "base"], "unfreeze": ["language_projection"]},
+              {"name": "after", "train": ["projector"]},  # language_projection stays trained
+              ]
+    text = _retention_caption({"train": {"phases": phases}, "curriculum": {"eval_samples": 8}})
+    assert "(phase 1 (warm)), retention is 1 by construction" in text
+    phases[1] = {"name": "lora", "train": ["lora"]}
+    assert "(phase 1 (warm)), retention" in _retention_caption({"train": {"phases": phases}})

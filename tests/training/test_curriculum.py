@@ -89,6 +89,7 @@ def test_advances_only_when_all_criteria_hold_after_min_steps() -> None:
     assert [(e.kind, e.step, e.stage) for e in events] == [("stage_change", 20, "development")]
     assert events[0].reason.startswith("criteria met: retention 0.960 >= 0.95, audio accuracy 0.800 >= 0.70")
     assert events[0].details["from"] == "foundation" and events[0].details["steps_in_stage"] == 20
+    assert events[0].details["forced"] is False
     assert c.stage_start_steps == {"foundation": 0, "development": 20}
     assert c.current.audio_ratio == 0.5 and c.effective_weights() == LossWeights(1.0, 0.3, 0.7, 0.2)
 
@@ -107,7 +108,7 @@ def test_advances_on_max_steps_and_stops_at_last_stage() -> None:
     c = _curriculum()
     assert c.update(99) == []
     events = c.update(100)
-    assert events[0].reason == "max_steps reached (100 >= 100)"
+    assert events[0].reason == "max_steps reached (100 >= 100)" and events[0].details["forced"] is True
     for step in (200, 300):
         c.update(step)
     assert c.current.name == "mastery"

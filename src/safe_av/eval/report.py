@@ -152,10 +152,15 @@ def _phases(config: dict[str, Any]) -> list[dict[str, Any]]:
     return [p for p in phases if isinstance(p, dict)] if isinstance(phases, list) else []
 
 
-def _trains_base(phase: dict[str, Any]) -> bool:
-    """Whether a phase changes anything inside the base VL model (LoRA, the ``base`` group, an unfrozen module)."""
-    parts = phase.get("train") if isinstance(phase.get("train"), list) else []
-    return bool(phase.get("unfreeze")) or any(p in ("base", "lora") for p in parts)
+def _base_changed(phases: list[dict[str, Any]], index: int) -> bool:
+    """Whether the base VL model differs from the original during phase ``index``: it or an earlier phase trained
+    LoRA, or unfroze base modules with ``base`` in its ``train`` (the trainer's rule: ``unfreeze`` alone trains
+    nothing). Trained weights stay changed in the phases after."""
+    def changes(phase):
+        parts = phase.get("train") if isinstance(phase.get("train"), list) else []
+        return "lora" in parts or ("base" in parts and bool(phase.get("unfreeze")))
+
+    return any(changes(p) for p in phases[: index + 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +445,8 @@ def _retention_caption(config: dict[str, Any]) -> str:
         f"stage_audio_accuracy: exact-match accuracy on up to {n if _is_number(n) else 'N'} audio-dependent AVQA "
         "evaluation questions of the current stage's difficulties. Dashed red line: the retention target."
     ]
-    frozen = [f"phase {i} ({p.get('name', '?')})" for i, p in enumerate(_phases(config), 1) if not _trains_base(p)]
+    phases = _phases(config)
+    frozen = [f"phase {i + 1} ({p.get('name', '?')})" for i, p in enumerate(phases) if not _base_changed(phases, i)]
     if frozen:
         parts.append(
             f"While nothing in the base model trains ({', '.join(frozen)}), retention is 1 by construction: VQA "
@@ -748,8 +754,11 @@ def _stage_timeline_html(summary: dict[str, Any], events: Sequence[dict[str, Any
         rows.append(f"<tr><td>{_esc(name)}</td><td>{start}</td><td>{_esc(end if end is not None else '—')}</td>"
                     f"<td>{_esc(steps if steps is not None else '—')}</td><td>{_esc(_fmt(ratios.get(name)))}</td>"
                     f"<td>{_esc(why)}</td></tr>")
-    forced = sum("max_steps reached" in str((changes.get(n) or {}).get("reason", "")) for _, n in order)
-    note = (f'<p class="muted">{forced} of {len(order) - 1} stage changes came from reaching the stage\'s step limit '
+    def forced(change):  # runs from before the event's "forced" flag: its reason says so
+        return bool(change.get("forced", "max_steps reached" in str(change.get("reason", ""))))
+
+    n_forced = sum(forced(changes.get(n) or {}) for _, n in order)
+    note = (f'<p class="muted">{n_forced} of {len(order) - 1} stage changes came from reaching the stage\'s step limit '
             "rather than its progression criteria (retention, audio accuracy, loss stability).</p>"
             if len(order) > 1 else "")
     return ("<table><tr><th>stage</th><th>start step</th><th>end step</th><th>steps</th><th>audio ratio</th>"

@@ -276,6 +276,7 @@ class Curriculum:
         self.alpha_multiplier = 1.0
         return Event("stage_change", step, self.current.name, reason,
                      {"from": old.name, "to": self.current.name, "steps_in_stage": ran,
+                      "forced": ran >= old.max_steps,  # the step limit, not the progression criteria
                       "audio_ratio": self.current.audio_ratio,
                       "weights": self.effective_weights().to_dict()})
 
