@@ -81,7 +81,8 @@ def test_clip_silent_in_the_part_used_is_an_error(tmp_path):
     data = np.zeros(3 * 8000, dtype=np.float32)
     data[2 * 8000:] = 0.5
     sf.write(str(path), data, 8000)
-    pattern = r"late.wav: field 'samples'.*silent clip \(peak <= -80 dBFS\) in its first 1 s$"
+    pattern = (r"late.wav: field 'samples'.*silent clip \(peak <= -80 dBFS\) in its first 1 s, the part used "
+               r"\(data.max_audio_seconds\)$")
     with pytest.raises(AudioError, match=pattern):
         load_audio(path, target_sr=8000, max_seconds=1.0)
     assert load_audio(path, target_sr=8000, max_seconds=3.0).num_valid == 24000
@@ -238,7 +239,8 @@ def test_validate_judges_silence_on_the_part_training_uses(tmp_path):
     sf.write(path, x, sr)
     err = audio_problem(path, max_seconds=10.0)
     assert err is not None and err.field == "samples" and "in its first 10 s, the part used" in err.reason
-    with pytest.raises(AudioError):
+    with pytest.raises(AudioError) as raised:
         load_audio(path, target_sr=sr, max_seconds=10.0)
+    assert raised.value.reason == err.reason  # the same words from the loader and from validate
     assert audio_problem(path, max_seconds=12.0) is None and audio_problem(path, max_seconds=None) is None
     assert load_audio(path, target_sr=sr, max_seconds=12.0).num_valid == 12 * sr

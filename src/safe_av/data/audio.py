@@ -262,9 +262,8 @@ def load_audio(
     x = resample(x, sr, target_sr)
     x, silent = peak_normalise(x)
     if silent and not allow_silent:
-        where = f" in its first {max_seconds:g} s" if truncated else ""
-        how = "" if silent_raw else f" after resampling {sr} -> {target_sr} Hz"
-        raise AudioError(path, "samples", "all ~0", f"{SILENT_REASON}{where}{how}")
+        raise _silent(path, max_seconds if truncated else None,
+                      "" if silent_raw else f" after resampling {sr} -> {target_sr} Hz")
     if truncated:
         warn_truncated(path, duration, max_seconds)
     n_out = int(round(target_sr * max_seconds))
@@ -308,9 +307,8 @@ def audio_problem(path: str | Path, *, min_seconds: float = 0.1, allow_silent: b
                     continue
                 if not np.isfinite(block).all():
                     return AudioError(path, "samples", "NaN/inf", "audio contains non-finite samples")
-                mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1)
-                if used is not None:
-                    mono = mono[: max(used - frames, 0)]
+                part = block if used is None else block[: max(used - frames, 0)]  # only the part used counts
+                mono = part[:, 0] if part.shape[1] == 1 else part.mean(axis=1)
                 if mono.size:
                     peak = max(peak, float(np.abs(mono).max()))
                 frames += block.shape[0]
@@ -326,11 +324,15 @@ def audio_problem(path: str | Path, *, min_seconds: float = 0.1, allow_silent: b
     if duration < min_seconds:
         return AudioError(path, "duration_s", round(duration, 4), f"too short (< {min_seconds} s)")
     if not allow_silent and peak <= SILENCE_PEAK:
-        if max_seconds is not None and duration > max_seconds:
-            return AudioError(path, "samples", "all ~0", f"{SILENT_REASON} in its first {max_seconds:g} s, the part "
-                                                          "used (data.max_audio_seconds)")
-        return AudioError(path, "samples", "all ~0", SILENT_REASON)
+        return _silent(path, max_seconds if (max_seconds is not None and duration > max_seconds) else None)
     return None
+
+
+def _silent(path: Path, cut_at: float | None, how: str = "") -> AudioError:
+    """The silent-clip error, worded the same by the loader and by validation; ``cut_at``: the clip is longer and
+    only its first ``cut_at`` seconds are used."""
+    where = "" if cut_at is None else f" in its first {cut_at:g} s, the part used (data.max_audio_seconds)"
+    return AudioError(path, "samples", "all ~0", f"{SILENT_REASON}{where}{how}")
 
 
 def check_audio(path: str | Path, *, min_seconds: float = 0.1, allow_silent: bool = False) -> str | None:
