@@ -125,7 +125,11 @@ class FeatureCache:
             return False
 
     def get(self, path: str | Path) -> torch.Tensor:
-        """(K, D_audio) features of ``path``.
+        """(K, D_audio) features of ``path`` (see :meth:`lookup`)."""
+        return self.lookup(path)[0]
+
+    def lookup(self, path: str | Path) -> tuple[torch.Tensor, float | None]:
+        """(K, D_audio) features of ``path`` and :meth:`cut_duration`'s value, from one :meth:`key` (one stat).
 
         Raises:
             DataError: the path cannot be read (see `key`), or `build` found the file unusable (its reason).
@@ -141,7 +145,7 @@ class FeatureCache:
         if shard not in self._shards:
             self._shards[shard] = safe_open(str(self.dir / shard), framework="pt")
         self.hits += 1
-        return self._shards[shard].get_tensor(name)
+        return self._shards[shard].get_tensor(name), self.cut.get(key)
 
     def build(self, model, paths: list[str], *, batch_size: int = 8) -> dict:
         """Encode the files not cached yet (bad files are skipped and counted) and write one new shard.

@@ -679,12 +679,16 @@ class MemoryFeatureCache:
         return self.cut.get(str(path))
 
     def get(self, path) -> torch.Tensor:
+        return self.lookup(path)[0]
+
+    def lookup(self, path) -> tuple[torch.Tensor, float | None]:
+        """Features of ``path`` and :meth:`cut_duration`'s value (as :meth:`FeatureCache.lookup`)."""
         key = str(path)
         if key in self.errors:
             raise self.errors[key]
         if key not in self.features:
             raise KeyError(f"{path}: not encoded")
-        return self.features[key]
+        return self.features[key], self.cut.get(key)
 
     def __contains__(self, path) -> bool:
         return str(path) in self.features

@@ -188,8 +188,8 @@ class SAFEDataset(Dataset):
                 item["image"] = img
             if s.audio is not None:
                 if self.feature_cache is not None:
-                    item["audio_features"] = self.feature_cache.get(s.audio)
-                    item["audio_truncated"] = self._cached_clip_cut(s.audio)
+                    item["audio_features"], cut = self.feature_cache.lookup(s.audio)
+                    item["audio_truncated"] = self._cached_clip_cut(s.audio, cut)
                 else:
                     clip = load_audio(s.audio, target_sr=self.sampling_rate, max_seconds=self.max_seconds)
                     item["waveform"], item["num_valid"] = clip.waveform, clip.num_valid
@@ -205,15 +205,13 @@ class SAFEDataset(Dataset):
         item["meta"]["audio_truncated"] = item["audio_truncated"]  # evaluation's records count it per question
         return item
 
-    def _cached_clip_cut(self, path: str) -> bool:
-        """Whether the clip behind cached features was cut to the cache's ``max_seconds``, as the cache recorded
-        when it encoded the clip (no file is opened per sample); it is logged once per file like a clip
-        `load_audio` cuts."""
-        duration = self.feature_cache.cut_duration(path)
-        limit = float(getattr(self.feature_cache, "max_seconds", self.max_seconds))
-        if duration is None or duration <= limit:
+    def _cached_clip_cut(self, path: str, duration: float | None) -> bool:
+        """Whether the clip behind cached features was cut: ``duration`` is its full length when the cache encoded
+        only its first ``max_seconds`` (as the cache recorded it: no file is opened per sample), else None. A cut
+        clip is logged once per file like a clip `load_audio` cuts."""
+        if duration is None:
             return False
-        warn_truncated(path, duration, limit)
+        warn_truncated(path, duration, float(getattr(self.feature_cache, "max_seconds", self.max_seconds)))
         return True
 
 
