@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -790,21 +789,15 @@ def _by_type_table(summary: dict[str, Any]) -> str:
 def _adapter_params(path: Path) -> dict[str, int] | None:
     """Parameter counts of ``adapter.safetensors`` per part, from the file's header alone (shapes; no tensor is
     read, no model built): ``None`` when the file is missing or not a readable safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if not 0 < size < 100 * 2**20:
-                return None
-            header = json.loads(f.read(size))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(header, dict):
+        with safe_open(str(path), framework="numpy") as f:
+            shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    except (OSError, SafetensorError):
         return None
     parts: dict[str, int] = {}
-    for name, info in header.items():
-        shape = info.get("shape") if isinstance(info, dict) else None
-        if name == "__metadata__" or not isinstance(shape, list):
-            continue
+    for name, shape in shapes.items():
         if "lora_" in name:
             part = "LoRA"
         elif name.startswith("base."):
