@@ -76,8 +76,8 @@ def next_(self):
         micro["i"] += 1
         if opts.get("perturb") and rank == 1 and micro["i"] == 2 and micro["step"] in (3, 6):
             trace["emptied_steps"].append(micro["step"])
-            return {"empty": True, "skipped": int(batch.get("skipped", 0)) + len(batch.get("meta", [])),
-                    "audio_truncated": 0}
+            # the collate's own empty batch for as many unloadable samples as this one had
+            return self.collate([None] * (int(batch.get("skipped", 0)) + len(batch.get("meta", []))))
     return batch
 loop.BatchStream.next = next_
 
