@@ -58,7 +58,7 @@ class SAFE:
         batch_size: ``answer_batch``'s default batch size.
     """
 
-    def __init__(self, loaded: LoadedCheckpoint, *, max_new_tokens: int | None = 16, batch_size: int | None = 8):
+    def __init__(self, loaded: LoadedCheckpoint, *, max_new_tokens: int | None = None, batch_size: int | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
@@ -184,8 +184,8 @@ class SAFE:
         return f"SAFE({f.kind}={str(f.weights)!r}, base={self.loaded.base_path or self.cfg.model.base!r})"
 
 
-def load(path: str | Path, *, config=None, device: str | torch.device | None = None, max_new_tokens: int | None = 16,
-         batch_size: int | None = 8) -> SAFE:
+def load(path: str | Path, *, config=None, device: str | torch.device | None = None, max_new_tokens: int | None = None,
+         batch_size: int | None = None) -> SAFE:
     """Load a trained SAFE model for inference.
 
     Args:
@@ -194,8 +194,8 @@ def load(path: str | Path, *, config=None, device: str | torch.device | None = N
         config: a :class:`~safe_av.config.SAFEConfig`, or the path of a YAML config, to use when the folder has
             no run config beside it.
         device: where to run (default: CUDA if available, else CPU).
-        max_new_tokens: default answer length limit (>= 1; None: 16).
-        batch_size: ``answer_batch``'s default batch size (>= 1; None: 8).
+        max_new_tokens: default answer length limit (>= 1; None: ``DEFAULT_MAX_NEW_TOKENS``, 16).
+        batch_size: ``answer_batch``'s default batch size (>= 1; None: ``DEFAULT_BATCH_SIZE``, 8).
 
     Raises:
         FileNotFoundError: nothing loadable at ``path`` (or ``config`` not found).
