@@ -8,6 +8,7 @@ value of the wrong type fails with a :class:`ConfigError` naming the dotted key 
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import re
 import types
@@ -596,11 +597,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=deep)
-            try:
-                hash(key)
-            except TypeError:
-                raise yaml.constructor.ConstructorError(None, None, f"unhashable key {key!r}",
-                                                        key_node.start_mark) from None
+            if not isinstance(key, collections.abc.Hashable):
+                break  # PyYAML's own construct_mapping reports it ("found unhashable key")
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice in one mapping (first at line {seen[key] + 1})",
