@@ -456,9 +456,8 @@ def _retention_caption(config: dict[str, Any]) -> str:
 
 
 def _make_plots(run_dir: Path, log: RunLog, summary: dict[str, Any],
-                config: dict[str, Any] | None = None) -> list[tuple[str, str, str]]:
+                config: dict[str, Any]) -> list[tuple[str, str, str]]:
     """Draw every plot that has data. Returns (file name, title, caption) per plot drawn."""
-    config = config or {}
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     for stale in plots_dir.glob("*.png"):  # a rerun must not show plots whose data vanished
@@ -571,10 +570,10 @@ def _value_cell(v: Any) -> str:
     return f"<td>{_esc(v)}</td>"
 
 
-def _cards_html(summary: dict[str, Any], config: dict[str, Any] | None = None) -> str:
+def _cards_html(summary: dict[str, Any], config: dict[str, Any]) -> str:
     """Headline numbers with the number of questions behind them and, for accuracies, a Wilson 95 % CI."""
     labels = dict(_KEY_METRICS)
-    target = _retention_target(config or {})
+    target = _retention_target(config)
     cards = []
     for key in _CARDS:
         v = summary.get(key)
@@ -637,7 +636,7 @@ def _baseline_html(summary: dict[str, Any]) -> str:
     return f"<table class='baseline'>{head}{''.join(rows)}</table>{note}"
 
 
-def _summary_html(summary: dict[str, Any], problem: str | None, config: dict[str, Any] | None = None) -> str:
+def _summary_html(summary: dict[str, Any], problem: str | None, config: dict[str, Any]) -> str:
     if problem:
         return f'<p class="bad">{_esc(problem)}</p>'
     if not summary:
@@ -650,7 +649,7 @@ def _summary_html(summary: dict[str, Any], problem: str | None, config: dict[str
     for key in ordered:
         label = labels.get(key, key)
         value = summary[key]
-        cell = _phase_starts_cell(value, config or {}) if key == "phase_starts" else _value_cell(value)
+        cell = _phase_starts_cell(value, config) if key == "phase_starts" else _value_cell(value)
         rows.append(f"<tr><td>{_esc(label)}<br><code class='muted'>{_esc(key)}</code></td>{cell}</tr>")
     return f"<table class='kv'><tr><th>Metric</th><th>Value</th></tr>{''.join(rows)}</table>"
 
@@ -719,8 +718,7 @@ def _events_html(events: Sequence[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def _stage_timeline_html(summary: dict[str, Any], events: Sequence[dict[str, Any]],
-                         config: dict[str, Any] | None = None) -> str:
+def _stage_timeline_html(summary: dict[str, Any], events: Sequence[dict[str, Any]], config: dict[str, Any]) -> str:
     """The curriculum's stages in order: start and end step, steps spent, audio ratio and why each one ended
     (a met progression criterion, or ``max_steps`` reached), from ``curriculum_stages`` and the stage events."""
     starts = summary.get("curriculum_stages")
@@ -731,7 +729,6 @@ def _stage_timeline_html(summary: dict[str, Any], events: Sequence[dict[str, Any
     except (TypeError, ValueError):
         return '<p class="muted">curriculum_stages could not be read.</p>'
     changes = {str(e.get("from")): e for e in events if e.get("event") == "stage_change"}
-    config = config or {}
     ratios = {str(s.get("name")): s.get("audio_ratio") for s in (_dig(config, "curriculum", "stages") or [])
               if isinstance(s, dict)}
     ratios.update({str(e.get("to")): e.get("audio_ratio") for e in events if e.get("event") == "stage_change"})
@@ -808,9 +805,8 @@ def _adapter_params(path: Path) -> dict[str, int] | None:
     return parts
 
 
-def _setup_html(run_dir: Path, config: dict[str, Any] | None = None) -> str:
+def _setup_html(run_dir: Path, config: dict[str, Any]) -> str:
     """What was trained on what: models, data, evaluation split, phases (config.yaml), adapter size."""
-    config = _read_config(run_dir / "config.yaml") if config is None else config
     parts = []
     if config:
         synthetic = _dig(config, "data", "synthetic")
@@ -902,8 +898,7 @@ def _definitions_html(config: dict[str, Any]) -> str:
 
 
 def _render(run_dir: Path, log: RunLog, summary: dict[str, Any], problem: str | None, plots,
-            config: dict[str, Any] | None = None) -> str:
-    config = config or {}
+            config: dict[str, Any]) -> str:
     when = datetime.now().strftime("%Y-%m-%d %H:%M")
     has_config = (run_dir / "config.yaml").is_file()
     config_link = ' · <a style="color:#c9d1d9" href="config.yaml">config.yaml</a>' if has_config else ""
