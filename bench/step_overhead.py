@@ -8,7 +8,8 @@ train.pretrain.enabled=false), phase 2 (`fusion`: projector + fusion train), eve
   grad clipping, AdamW, scheduler, zero_grad.
 - bare step: transformers' ``Blip2ForConditionalGeneration`` forward (pixel_values + input_ids +
   inputs_embeds + labels) and ``loss.backward()``, where ``inputs_embeds`` has ``requires_grad`` only on the
-  audio-token positions: the frozen LM passing gradients back to its input tokens, no weight gradients.
+  audio-token positions: the frozen LM passing gradients back to its input tokens, no weight gradients. It runs
+  on a plain copy of the base, without the idle peft LoRA layers SAFE injects for the demo's phase 3.
 
 Also timed: SAFE forward+backward without the optimizer, SAFE with on-line audio encoding (no cache), and
 SAFE with ``model.frozen_prefix=false`` (the LM passes gradients through the image positions too, as the bare
@@ -81,16 +82,36 @@ class Regions:
         self._undo.clear()
 
 
+def plain_model(hf):
+    """A copy of the transformers model without the peft LoRA layers SAFE injected for a later phase (each replaced
+    by the linear it wraps): the bare model, which pays no wrapper call per projection. The weights are the same
+    (shared storage is not needed: nothing in it trains)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    plain = copy.deepcopy(hf)
+    for module in list(plain.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                setattr(module, name, child.get_base_layer())
+    return plain
+
+
 def bare_step_of(run: "C.FusionPhaseStep"):
-    """The bare step on ``run``'s batch: transformers' ``Blip2ForConditionalGeneration`` forward with SAFE's audio
-    tokens as constant input embeddings, the only ones that need a gradient, and ``loss.backward()``. Returns the
-    step and the two losses on that batch (bare, SAFE), which agree."""
+    """The bare step on ``run``'s batch: transformers' ``Blip2ForConditionalGeneration`` (a plain copy of SAFE's
+    base, :func:`plain_model`) forward with SAFE's audio tokens as constant input embeddings, the only ones that need
+    a gradient, and ``loss.backward()``. Returns the step, the plain model and the two losses on that batch (bare,
+    SAFE; both in eval mode, so no dropout: they agree up to the frozen prefix's float rounding)."""
     safe, batch = run.tr.model, run.batch
-    hf = safe.base.model
+    hf = plain_model(safe.base.model)
     ids, am, labels, pix = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"]
     audio_pos = ids == safe.audio_token_id
-    with torch.no_grad():
-        audio_vals = safe.build_inputs(**batch)["embeds"][audio_pos]  # SAFE's audio tokens, as constants
+    safe.eval()
+    try:
+        with torch.no_grad():
+            audio_vals = safe.build_inputs(**batch)["embeds"][audio_pos]  # SAFE's audio tokens, as constants
+            safe_loss = float(safe(**batch).loss)
+    finally:
+        safe.train()
     leaf = audio_vals.clone().requires_grad_(True)  # (B*K, D): the only input that needs a gradient
     plain_ids = ids.masked_fill(audio_pos, safe.base.tokenizer.pad_token_id)
 
@@ -104,8 +125,7 @@ def bare_step_of(run: "C.FusionPhaseStep"):
         emb = hf.get_input_embeddings()(plain_ids).masked_scatter(audio_pos.unsqueeze(-1), leaf)
         bare_loss = float(hf(pixel_values=pix, input_ids=ids, attention_mask=am, inputs_embeds=emb,
                              labels=labels).loss)
-        safe_loss = float(safe(**batch).loss)
-    return bare_step, bare_loss, safe_loss
+    return bare_step, hf, bare_loss, safe_loss
 
 
 def batch_sweep(sizes: list[int], *, reps: int, warmup: int) -> list[list[str]]:
@@ -114,7 +134,7 @@ def batch_sweep(sizes: list[int], *, reps: int, warmup: int) -> list[list[str]]:
     rows = []
     for bs in sizes:
         run = C.FusionPhaseStep(f"step{bs}", f"train.phases.1.batch_size={bs}")
-        bare_step, _, _ = bare_step_of(run)
+        bare_step, *_ = bare_step_of(run)
         cpu: dict = {}
         times = C.interleaved({"bare": bare_step, "safe": run.step}, warmup=warmup, reps=reps, cpu=cpu)
         med = {k: C.median(v) for k, v in times.items()}
@@ -166,10 +186,9 @@ def main() -> int:
 
     # ---- the bare transformers model on the same batch
     safe = tr.model
-    hf = safe.base.model
     ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     audio_pos = ids == safe.audio_token_id
-    bare_step, bare_loss, safe_loss = bare_step_of(run)
+    bare_step, hf, bare_loss, safe_loss = bare_step_of(run)
 
     cpu: dict = {}
     times = C.interleaved({"bare": bare_step, "safe": safe_step, "safe_fwd_bwd": safe_fwd_bwd,

@@ -223,6 +223,21 @@ def test_gradient_checkpointing_still_reaches_audio_tokens(rng, family):
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def test_checkpointing_flag_follows_transformers_switch(tiny_models):
+    """``BaseVL.checkpointing`` (looked up on the layers found once) agrees with transformers' own test, also when
+    checkpointing is switched on or off after the model was built."""
+    from peft import LoraConfig
+
+    cfg, vl, enc = tiny_models("tiny-blip2-opt")
+    SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64,
+              lora=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    assert vl.checkpointing is False and vl.model.is_activation_checkpointing is False
+    vl.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert vl.checkpointing is True and vl.model.is_activation_checkpointing is True
+    vl.model.gradient_checkpointing_disable()
+    assert vl.checkpointing is False and vl.model.is_activation_checkpointing is False
+
+
 def test_train_mode_base_has_no_dropout(tiny_models, rng):
     """The frozen base computes the same in train and eval mode (its dropout is removed)."""
     cfg, vl, enc = tiny_models("tiny-blip2-opt")
