@@ -176,6 +176,85 @@ class FusionPhaseStep:
             model.frozen_prefix = True
 
 
+def plain_model(hf):
+    """A copy of a transformers model without the peft LoRA layers SAFE injected for a later phase (each replaced by
+    the linear it wraps): the bare model, which pays no wrapper call per projection."""
+    import copy
+
+    plain = copy.deepcopy(hf)
+    unwrap_lora(plain)
+    return plain
+
+
+def unwrap_lora(model) -> list:
+    """In place: replace each peft LoRA layer of ``model`` by the module it wraps. Returns what
+    :func:`rewrap_lora` needs to put them back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    undo = []
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                setattr(module, name, child.get_base_layer())
+                undo.append((module, name, child))
+    return undo
+
+
+def rewrap_lora(undo: list) -> None:
+    for module, name, child in undo:
+        setattr(module, name, child)
+
+
+def bare_step(safe, batch: dict, *, model=None, autocast=None):
+    """The bare step on a collated SAFE batch: the transformers VL model's own forward (``pixel_values``,
+    ``inputs_embeds``, ``attention_mask``, ``labels``; its own vision path and loss) and ``loss.backward()``, where
+    the embeddings carry SAFE's audio tokens (computed once, eval mode) as constants and only those need a gradient:
+    the frozen LM passing gradients back to its input tokens, no weight gradients.
+
+    ``model``: the transformers model to run (default ``safe.base.model``; :func:`plain_model` gives one without
+    idle LoRA layers). ``autocast``: a context factory (e.g. ``accelerator.autocast``). The image placeholders are
+    embedded with the image token's own embedding, which is how LLaVA finds them without ``input_ids`` (it takes
+    only one of the two; BLIP-2 requires ``input_ids`` and reads the positions from them). Returns ``(step, loss)``: ``loss()`` is the bare loss on the batch (no
+    gradient); SAFE's own loss in eval mode agrees with it."""
+    import contextlib
+
+    hf = model if model is not None else safe.base.model
+    autocast = autocast or contextlib.nullcontext
+    ids = batch["input_ids"]
+    audio_pos = ids == safe.audio_token_id
+    was_training = safe.training
+    safe.eval()
+    try:
+        with torch.no_grad(), autocast():
+            audio_vals = safe.build_inputs(**batch)["embeds"][audio_pos]  # SAFE's audio tokens, as constants
+    finally:
+        safe.train(was_training)
+    leaf = audio_vals.detach().clone().requires_grad_(True)  # (B*K, D): the only input that needs a gradient
+    plain_ids = ids.masked_fill(audio_pos, safe.base.tokenizer.pad_token_id)
+    table = hf.get_input_embeddings()
+    kwargs = dict(attention_mask=batch["attention_mask"], labels=batch["labels"])
+    if safe.base.family == "blip2":  # its forward requires input_ids (and takes the image positions from them)
+        kwargs["input_ids"] = ids
+    if batch.get("images") is not None:
+        kwargs["pixel_values"] = batch["images"].to(table.weight.dtype)
+
+    def embeds():
+        emb = table(plain_ids)
+        return emb.masked_scatter(audio_pos.unsqueeze(-1), leaf.to(emb.dtype))
+
+    def step() -> None:
+        with autocast():
+            loss = hf(inputs_embeds=embeds(), **kwargs).loss
+        loss.backward()
+        leaf.grad = None
+
+    def loss() -> float:
+        with torch.no_grad(), autocast():
+            return float(hf(inputs_embeds=embeds(), **kwargs).loss)
+
+    return step, loss
+
+
 def audio_batch(stream, *, need_images: bool = True, tries: int = 50) -> dict:
     """The next batch of ``stream`` in which every sample has audio (and an image)."""
     stream.configure(1.0, None)

@@ -10,7 +10,9 @@ projector + fusion on MUSIC-AVQA batches whose every row has image + audio, dist
 bf16 autocast, audio encoded on line (no feature cache), grad_accum 1.
 
 Reported per model: step time (median of --steps after --warmup), samples/s, torch.cuda.max_memory_allocated
-vs ``safe_av.info``'s predicted peak for the same setting, FLOPs per step (``safe_av.flops``) and MFU.
+vs ``safe_av.info``'s predicted peak for the same setting, FLOPs per step (``safe_av.flops``) and MFU; then the
+same batch with distillation off, with ``model.frozen_prefix`` off, and ``step_overhead.py``'s comparison at real
+size: the SAFE step on precomputed audio features (distillation off) vs the bare transformers step.
 
     bash bench/gpu_check.sh              # on the GPU machine (< 5 minutes on one H100)
     python bench/gpu_check.py --tiny     # the same code path with tiny models, on CPU (a smoke test)
@@ -182,19 +184,25 @@ def check(name: str, args, tmp: Path) -> dict:
         if bool(tr._distill_rows(batch).any()):
             break
     n_distill = int(tr._distill_rows(batch).sum())
-    def run(weights, warmup: int, steps: int):
-        """Median step time and peak allocated memory (None on CPU) over ``steps`` steps after ``warmup``."""
+    def timed(fn, warmup: int, steps: int):
+        """Median time of ``fn()`` and peak allocated memory (None on CPU) over ``steps`` calls after ``warmup``,
+        and ``fn``'s last return value."""
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        times, logs = [], None
+        times, last = [], None
         for i in range(warmup + steps):
             sync()
             t = time.perf_counter()
-            logs = tr._optimizer_step(tr.ddp_model, optim, sched, C.FixedStream(batch), weights)
+            last = fn()
             sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t)
-        return C.median(times), (torch.cuda.max_memory_allocated() if cuda else None), logs
+        return C.median(times), (torch.cuda.max_memory_allocated() if cuda else None), last
+
+    def run(weights, warmup: int, steps: int, on=None):
+        """SAFE training steps on ``on`` (default: the batch): median time, peak memory, the last step's logs."""
+        return timed(lambda: tr._optimizer_step(tr.ddp_model, optim, sched, C.FixedStream(on or batch), weights),
+                     warmup, steps)
 
     step_s, peak, logs = run(w, args.warmup, args.steps)
     # the same model and batch with distillation + retention off (Q3 at real size)
@@ -206,6 +214,21 @@ def check(name: str, args, tmp: Path) -> dict:
     tr.model.frozen_prefix = False
     step_np, peak_np, _ = run(w, 1, short)
     tr.model.frozen_prefix = True
+    # Q1 at real size: SAFE with the clips' encoder features precomputed (what the feature cache gives) and
+    # distillation + retention off, vs the bare transformers step on the same batch (_common.bare_step: the VL
+    # model's own forward with SAFE's audio tokens as constant inputs, backward to them), LoRA layers unwrapped
+    from safe_av.data.text import move_batch
+
+    with torch.no_grad(), tr.acc.autocast():
+        feats = tr.model.encode_audio(batch["audio"].to(tr.acc.device), batch["audio_valid_frac"].to(tr.acc.device))
+    cached = dict(batch, audio=None, audio_valid_frac=None, audio_features=feats.cpu())
+    step_cached, _, _ = run(replace(w, beta=0.0, gamma=0.0), 1, short, on=cached)
+    undo = C.unwrap_lora(tr.model.base.model)
+    try:
+        bare, _ = C.bare_step(tr.model, move_batch(cached, tr.acc.device), autocast=tr.acc.autocast)
+        step_bare, peak_bare, _ = timed(bare, 1, short)
+    finally:
+        C.rewrap_lora(undo)
     bs, seq = batch["input_ids"].shape
     v, k = tr.model.base.num_image_tokens, tr.model.num_audio_tokens
     text = int(seq - v - k)
@@ -231,6 +254,8 @@ def check(name: str, args, tmp: Path) -> dict:
            "peak_allocated_gib_no_distill": None if peak_off is None else peak_off / C_GIB,
            "step_s_no_prefix": step_np, "peak_allocated_gib_no_prefix": None if peak_np is None else peak_np / C_GIB,
            "predicted_peak_gib_no_prefix": pred_np.peak / C_GIB,
+           "step_s_cached_no_distill": step_cached, "step_s_bare": step_bare,
+           "peak_allocated_gib_bare": None if peak_bare is None else peak_bare / C_GIB,
            "gradient_checkpointing": cfg.model.gradient_checkpointing,
            "trainable_params": sum(p.numel() for p in tr.model.trainable_parameters().values())}
     del tr, optim, sched, stream, batch
@@ -327,6 +352,12 @@ def main() -> int:
             + _versus(results, "", "_no_distill") + ".", "",
             "`model.frozen_prefix=false` (the LM's backward also runs through the image positions) vs the default "
             "(on), same model and batch, distillation on: " + _versus(results, "_no_prefix", "") + ".", "",
+            "SAFE step with the audio features precomputed (as the feature cache gives them) and distillation + "
+            "retention off vs the bare transformers step on the same batch (the VL model's own forward + backward "
+            "to SAFE's audio tokens as constant inputs; `bench/step_overhead.py`'s comparison at real size; issue "
+            "target <= 1.15): " + "; ".join(f"{r['model']}: {r['step_s_cached_no_distill'] * 1e3:.0f} ms vs "
+                                           f"{r['step_s_bare'] * 1e3:.0f} ms, x{r['step_s_cached_no_distill'] / r['step_s_bare']:.2f}"
+                                           for r in results if "error" not in r) + ".", "",
             "FLOPs per step are `safe_av.flops.training_flops_per_step` (the distillation teacher's extra LM "
             "forward is not counted, so MFU is a slight under-estimate)."]
     text = C.report("gpu_check", "6. GPU check (real-size architectures, random weights)", body,

@@ -82,50 +82,20 @@ class Regions:
         self._undo.clear()
 
 
-def plain_model(hf):
-    """A copy of the transformers model without the peft LoRA layers SAFE injected for a later phase (each replaced
-    by the linear it wraps): the bare model, which pays no wrapper call per projection. The weights are the same
-    (shared storage is not needed: nothing in it trains)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    plain = copy.deepcopy(hf)
-    for module in list(plain.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, BaseTunerLayer):
-                setattr(module, name, child.get_base_layer())
-    return plain
-
-
 def bare_step_of(run: "C.FusionPhaseStep"):
-    """The bare step on ``run``'s batch: transformers' ``Blip2ForConditionalGeneration`` (a plain copy of SAFE's
-    base, :func:`plain_model`) forward with SAFE's audio tokens as constant input embeddings, the only ones that need
-    a gradient, and ``loss.backward()``. Returns the step, the plain model and the two losses on that batch (bare,
-    SAFE; both in eval mode, so no dropout: they agree up to the frozen prefix's float rounding)."""
-    safe, batch = run.tr.model, run.batch
-    hf = plain_model(safe.base.model)
-    ids, am, labels, pix = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"]
-    audio_pos = ids == safe.audio_token_id
+    """The bare step on ``run``'s batch (``_common.bare_step`` on a plain copy of SAFE's base, without its idle LoRA
+    layers). Returns the step, that plain model, and the two losses on the batch in eval mode (bare, SAFE), which
+    agree up to the frozen prefix's float rounding."""
+    safe = run.tr.model
+    hf = C.plain_model(safe.base.model)
+    step, bare_loss = C.bare_step(safe, run.batch, model=hf)
     safe.eval()
     try:
         with torch.no_grad():
-            audio_vals = safe.build_inputs(**batch)["embeds"][audio_pos]  # SAFE's audio tokens, as constants
-            safe_loss = float(safe(**batch).loss)
+            safe_loss = float(safe(**run.batch).loss)
     finally:
         safe.train()
-    leaf = audio_vals.clone().requires_grad_(True)  # (B*K, D): the only input that needs a gradient
-    plain_ids = ids.masked_fill(audio_pos, safe.base.tokenizer.pad_token_id)
-
-    def bare_step():
-        emb = hf.get_input_embeddings()(plain_ids).masked_scatter(audio_pos.unsqueeze(-1), leaf)
-        out = hf(pixel_values=pix, input_ids=ids, attention_mask=am, inputs_embeds=emb, labels=labels)
-        out.loss.backward()
-        leaf.grad = None
-
-    with torch.no_grad():
-        emb = hf.get_input_embeddings()(plain_ids).masked_scatter(audio_pos.unsqueeze(-1), leaf)
-        bare_loss = float(hf(pixel_values=pix, input_ids=ids, attention_mask=am, inputs_embeds=emb,
-                             labels=labels).loss)
-    return bare_step, hf, bare_loss, safe_loss
+    return step, hf, bare_loss(), safe_loss
 
 
 def batch_sweep(sizes: list[int], *, reps: int, warmup: int) -> list[list[str]]:
