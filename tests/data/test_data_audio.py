@@ -45,6 +45,27 @@ def test_resample_uses_exact_ratio():
     assert resample(x, 16000, 16000) is x
 
 
+@pytest.mark.parametrize("sr", [44101, 767_999, 7_999])
+def test_odd_rate_resamples_near_the_exact_ratio_with_a_bounded_filter(tmp_path, sr):
+    """16000/44101 does not reduce: exact polyphase would build a ~900k-tap filter (and 20 M taps for a 1 MHz
+    header); the nearest ratio with factors <= 10000 keeps length and pitch."""
+    path = write_tone(tmp_path / "a.wav", 1.0, sr=sr, freq=440.0)
+    clip = load_audio(path, target_sr=16000, max_seconds=1.0)
+    assert clip.resampled and clip.orig_sr == sr
+    assert abs(clip.num_valid - 16000) <= 2
+    spectrum = np.abs(np.fft.rfft(clip.waveform))
+    assert np.argmax(spectrum) * 16000 / clip.waveform.size == pytest.approx(440.0, abs=2.0)
+
+
+@pytest.mark.parametrize("sr", [500, 1_000_003, 5_000_011])
+def test_sample_rate_outside_the_supported_range_is_an_error_naming_it(tmp_path, sr):
+    path = tmp_path / "odd.wav"
+    sf.write(path, np.full(int(sr * 0.2), 0.5, dtype=np.float32), sr)
+    with pytest.raises(AudioError, match=rf"odd.wav: field 'sample_rate' = {sr}: outside the supported"):
+        load_audio(path, target_sr=16000, max_seconds=1.0)
+    assert f"field 'sample_rate' = {sr}" in check_audio(path)
+
+
 def test_stereo_is_mixed_to_mono(tmp_path):
     path = write_tone(tmp_path / "s.wav", 1.0, sr=16000, channels=2, amp=0.8)
     clip = load_audio(path, target_sr=16000, max_seconds=1.0)

@@ -45,6 +45,8 @@ def test_musicavqa_annotations_at_root_and_missing_file(tmp_path):
         ({"type": "Audio, Counting"}, "type", "expected a JSON list"),
         ({"type": '["Audio"]'}, "type", "expected a JSON list"),
         ({"type": '["Sound", "Counting"]'}, "type", "expected a JSON list"),
+        ({"type": "{[1]: 2}"}, "type", "expected a JSON list"),  # literal_eval: TypeError (unhashable)
+        ({"type": "[" * 100_000}, "type", "expected a JSON list"),  # RecursionError in both parsers
         ({"templ_values": "[1, 2]"}, "templ_values", "list of strings"),
         ({"templ_values": '["piano"]'}, "templ_values", "fewer values than placeholders"),
     ],
@@ -76,6 +78,9 @@ def test_musicavqa_invalid_json_raises_naming_file(tmp_path):
     (tmp_path / "json").mkdir()
     (tmp_path / "json" / "avqa-train.json").write_text('[{"video_id": "1",]')
     with pytest.raises(DataError, match=r"avqa-train.json: field 'json' = 'line 1 col \d+': invalid JSON"):
+        musicavqa.read(tmp_path, "train")
+    (tmp_path / "json" / "avqa-train.json").write_text("[" * 100_000)  # json's parser recurses
+    with pytest.raises(DataError, match=r"avqa-train.json: field 'json'.*nested too deeply"):
         musicavqa.read(tmp_path, "train")
 
 
@@ -121,6 +126,32 @@ def test_audiocaps_bad_rows_and_header(tmp_path):
         audiocaps.read(tmp_path, "val")
     with pytest.raises(FileNotFoundError, match="test.csv"):
         audiocaps.read(tmp_path, "test")
+
+
+def test_csv_records_split_only_at_line_ends_and_broken_rows_are_bad_entries(tmp_path):
+    """A cp1252 file (read as latin-1: its ellipsis is the byte 0x85, a line break to str.splitlines), an unquoted
+    comma, an unbalanced quote and a blank line: every good row is read with its own line number, every broken one
+    is a bad entry naming its line, and nothing is cut or merged silently."""
+    rows = ["file_name,caption_1,caption_2,caption_3,caption_4,caption_5",
+            "a.wav,wait\x85 then,c2,c3,c4,c5",  # 0x85 in cp1252: an ellipsis, inside a caption
+            "",
+            "b.wav,one,two,three,four,five,six",  # an unquoted comma: 7 fields
+            'c.wav,"unbalanced,c2,c3,c4,c5',  # swallows the rest of the file into one field
+            "d.wav,1,2,3,4,5"]
+    (tmp_path / "clotho_captions_evaluation.csv").write_bytes("\n".join(rows).encode("latin-1") + b"\n")
+    result = clotho.read(tmp_path, "evaluation", probe_durations=False)
+    assert [s.id for s in result.samples] == ["a.wav"]
+    assert result.samples[0].answers[0] == "wait\x85 then"
+    assert [(b.where.rsplit(":", 1)[1], b.field) for b in result.bad] == [("4", "row"), ("5", "row")]
+    assert result.bad[0].value == ["six"] and "7 fields, the header has 6" in result.bad[0].reason
+    assert "runs over lines 5-6" in result.bad[1].reason
+
+
+def test_csv_field_over_the_size_limit_is_a_data_error_naming_the_line(tmp_path):
+    (tmp_path / "train.csv").write_text("audiocap_id,youtube_id,start_time,caption\n1,abc,30,fine\n"
+                                        '2,def,0,"' + "x" * 200_000 + '"\n')
+    with pytest.raises(DataError, match=r"train.csv: field 'csv' = 'line 3'.*malformed CSV: field larger"):
+        audiocaps.read(tmp_path, "train", probe_durations=False)
 
 
 # ---------------------------------------------------------------------------------- Clotho
@@ -170,14 +201,22 @@ def test_avsd_keyed_by_video_and_malformed(tmp_path):
         "vid1": {"caption": "c", "summary": "s", "dialog": [{"question": "q?", "answer": "a."}]},
         "vid2": {"caption": "c", "dialog": [{"question": "q?"}]},
         "vid3": {"caption": "c"},
+        "vid4": {"dialog": [{"question": "q?", "answer": "a."}, {"question": "  ", "answer": "b."},
+                            {"question": "q?", "answer": "c."}]},
+        "vid5": {"dialog": [{"question": "q?", "answer": ""}]},
+        "": {"dialog": [{"question": "q?", "answer": "a."}]},  # would name the frames folder itself
     }
     (tmp_path / "avsd_val.json").write_text(json.dumps(data))
     result = avsd.read(tmp_path, "val")
-    assert [s.id for s in result.samples] == ["vid1_0"]
+    assert [s.id for s in result.samples] == ["vid1_0", "vid4_0"]
     assert [(b.field, b.reason) for b in result.bad] == [
         ("answer", "missing or not a string"),
         ("dialog", "missing or not a list of turns"),
+        ("question", "empty string; the 1 later turn(s) of this dialog are dropped too"),
+        ("answer", "empty string"),
+        ("<video id key>", "empty video id"),
     ]
+    assert result.skipped == {"turn after a malformed turn": 1}
 
 
 # ---------------------------------------------------------------------------------- VQA v2

@@ -63,6 +63,30 @@ def test_cached_features_equal_online_and_epoch_skips_encoder(tiny_models, clips
             assert torch.isfinite(model(**batch).loss)
 
 
+def test_a_damaged_cache_is_an_error_naming_its_file(tiny_models, clips, tmp_path):
+    """A shard deleted or cut short, or an index that is not JSON: an error naming the cache's file and how to
+    rebuild, never a bare SafetensorError in a loader worker or a skip of every sample behind it."""
+    from safe_av.data.cache import CacheError
+
+    model = _model(tiny_models)
+    FeatureCache.open(tmp_path / "cache", model).build(model, clips, batch_size=2)
+    cache = FeatureCache.open(tmp_path / "cache", model)
+    shard = cache.dir / cache.index[cache.key(clips[0])][0]
+    shard.write_bytes(shard.read_bytes()[:5])  # cut short
+    with pytest.raises(CacheError, match=rf"{shard.name}: cannot read tensor .*clip0.wav.*delete .*safe data cache"):
+        cache.get(clips[0])
+    samples = [Sample("s0", "audiocaps", "", ["a sound"], audio=clips[0])]
+    dataset = SAFEDataset(samples, sampling_rate=48000, feature_cache=FeatureCache.open(tmp_path / "cache", model))
+    with pytest.raises(RuntimeError, match=r"loading sample audiocaps/s0 .*clip0.wav.*CacheError.*damaged"):
+        dataset[0]
+    shard.unlink()
+    with pytest.raises(CacheError, match=rf"{shard.name}: cannot read tensor"):
+        FeatureCache.open(tmp_path / "cache", model).get(clips[0])
+    (cache.dir / "index.json").write_text('{"abc": [')
+    with pytest.raises(CacheError, match=r"index.json: unreadable .*the feature cache is damaged; delete"):
+        FeatureCache.open(tmp_path / "cache", model)
+
+
 def test_changed_config_or_content_invalidates(tiny_models, clips, tmp_path):
     model = _model(tiny_models, k=4)
     cache = FeatureCache.open(tmp_path / "cache", model)

@@ -29,6 +29,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
+from fractions import Fraction
 from math import gcd
 from pathlib import Path
 
@@ -45,6 +46,14 @@ SILENCE_PEAK = 1e-4
 SILENT_REASON = "silent clip (peak <= -80 dBFS)"
 """The reason of the `AudioError` for a silent clip (loader and validation alike)."""
 ON_LONG = ("truncate", "error")
+SAMPLE_RATES = (1_000, 768_000)
+"""The sample rates (Hz) a clip may have: telephone-band up to the highest rate audio interfaces record. A header
+outside them is an error (a corrupt header, or not audio); polyphase resampling from, say, 5,000,011 Hz would build
+a filter of hundreds of MB."""
+MAX_RESAMPLE_FACTOR = 10_000
+"""The largest up/down factor of exact polyphase resampling (its filter has ~20 taps per unit: 1.6 MB at this bound);
+rarer ratios (44101 -> 16000 Hz reduces to 16000/44101) resample at the nearest ratio with factors up to this: a
+relative rate error below 1e-4 (at most 5e-5 over every rate in SAMPLE_RATES to 16 or 48 kHz; 0.1 cent of pitch)."""
 _READ_ERRORS = (sf.SoundFileError, RuntimeError, OSError, ValueError, EOFError)
 _WARNED_CUT: set[str] = set()  # files whose truncation was logged at WARNING in this process
 _PCM_TAGS = (1, 3, 6, 7, 0xFFFE)  # WAVE format tags with one block_align per frame: PCM, float, A/mu-law, extensible
@@ -112,10 +121,13 @@ def read_audio(path: str | Path, *, max_seconds: float | None = None) -> tuple[n
     try:
         with sf.SoundFile(str(path)) as f:
             sr, channels, total = int(f.samplerate), int(f.channels), int(f.frames)
+            problem = sample_rate_problem(path, sr)  # raised below: AudioError is a ValueError, caught here
             want = -1 if max_seconds is None or not f.seekable() else min(total, int(np.ceil(max_seconds * sr)))
-            data = f.read(frames=want, dtype="float32", always_2d=True)
+            data = None if problem else f.read(frames=want, dtype="float32", always_2d=True)
     except _READ_ERRORS as err:
         raise AudioError(path, "audio", path.name, f"unreadable or corrupt audio ({err})") from err
+    if problem is not None:
+        raise problem
     if want < 0 or data.shape[0] < want:  # read to the end (or the body ended early): that is the length
         total = data.shape[0]
     if data.shape[0] == 0:
@@ -198,11 +210,27 @@ def warn_truncated(path: str | Path, duration_s: float, max_seconds: float) -> N
 
 
 def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Polyphase resampling at the exact ratio ``target_sr / orig_sr``."""
+    """Polyphase resampling at the ratio ``target_sr / orig_sr``: exact when it reduces to factors up to
+    :data:`MAX_RESAMPLE_FACTOR` (every common rate), else the nearest ratio that does (the filter's length grows
+    with the factors: 20 taps per unit)."""
     if orig_sr == target_sr:
         return x
     g = gcd(orig_sr, target_sr)
-    return resample_poly(x, target_sr // g, orig_sr // g).astype(np.float32)
+    up, down = target_sr // g, orig_sr // g
+    if max(up, down) > MAX_RESAMPLE_FACTOR:
+        ratio = Fraction(target_sr, orig_sr)
+        limit = MAX_RESAMPLE_FACTOR if ratio <= 1 else max(1, MAX_RESAMPLE_FACTOR * orig_sr // target_sr)
+        near = ratio.limit_denominator(limit)
+        up, down = near.numerator, near.denominator
+    return resample_poly(x, up, down).astype(np.float32)
+
+
+def sample_rate_problem(path: str | Path, sr: int) -> AudioError | None:
+    """An `AudioError` naming the sample rate when it is outside :data:`SAMPLE_RATES`, else None."""
+    lo, hi = SAMPLE_RATES
+    if lo <= sr <= hi:
+        return None
+    return AudioError(path, "sample_rate", sr, f"outside the supported {lo}-{hi} Hz (a corrupt header?)")
 
 
 def peak_normalise(x: np.ndarray, *, silence_peak: float = SILENCE_PEAK) -> tuple[np.ndarray, bool]:
@@ -301,6 +329,8 @@ def audio_problem(path: str | Path, *, min_seconds: float = 0.1, allow_silent: b
     try:
         with sf.SoundFile(str(path)) as f:
             sr = int(f.samplerate)
+            if (rate := sample_rate_problem(path, sr)) is not None:
+                return rate
             used = None if max_seconds is None else int(np.ceil(max_seconds * sr))  # frames training reads
             for block in f.blocks(blocksize=1 << 18, dtype="float32", always_2d=True):
                 if not block.size:

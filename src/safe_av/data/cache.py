@@ -30,7 +30,7 @@ import stat
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from safe_av.data.audio import load_audio, path_problem
@@ -54,6 +54,11 @@ def fingerprint(model, max_seconds: float) -> dict:
             "max_seconds": max_seconds, "format": 3}
 
 
+class CacheError(RuntimeError):
+    """A damaged feature cache (a file of the cache itself, not a clip): the message names the file and how to
+    rebuild. Not a `DataError`: the samples behind it are fine, so they are not skipped one by one."""
+
+
 class FeatureCache:
     """Read/write access to one fingerprint namespace of a cache folder."""
 
@@ -61,18 +66,30 @@ class FeatureCache:
         self.fp = fp
         digest = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.dir = Path(folder) / digest
-        self.index: dict[str, list] = {}
-        if (self.dir / "index.json").is_file():
-            self.index = json.loads((self.dir / "index.json").read_text())
-        self.bad: dict[str, str] = {}
-        if (self.dir / "bad.json").is_file():
-            self.bad = json.loads((self.dir / "bad.json").read_text())
-        self.cut: dict[str, float] = {}  # content sha256 -> duration (s) of a clip cached from its first max_seconds
-        if (self.dir / "truncated.json").is_file():
-            self.cut = json.loads((self.dir / "truncated.json").read_text())
+        self.index: dict[str, list] = self._read_json("index.json")
+        self.bad: dict[str, str] = self._read_json("bad.json")
+        # content sha256 -> duration (s) of a clip cached from its first max_seconds
+        self.cut: dict[str, float] = self._read_json("truncated.json")
         self._hashes: dict[str, tuple] = {}
         self._shards: dict[str, object] = {}
         self.hits = self.misses = 0
+
+    def _damaged(self, path: Path, what: str) -> CacheError:
+        return CacheError(f"{path}: {what}: the feature cache is damaged; delete {self.dir} and run `safe data cache` "
+                          "(or let training rebuild it)")
+
+    def _read_json(self, name: str) -> dict:
+        """One of the cache's JSON files as a dict ({} when it does not exist yet)."""
+        path = self.dir / name
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self._damaged(path, f"unreadable ({err})") from err
+        if not isinstance(data, dict):
+            raise self._damaged(path, f"expected a JSON object, found {type(data).__name__}")
+        return data
 
     @classmethod
     def open(cls, folder: str | Path, model, *, max_seconds: float = 10.0) -> "FeatureCache":
@@ -142,10 +159,14 @@ class FeatureCache:
                 raise DataError(path, "audio", str(path), self.bad[key])
             raise KeyError(f"{path}: not in the feature cache {self.dir} (run `safe data cache`)")
         shard, name = self.index[key]
-        if shard not in self._shards:
-            self._shards[shard] = safe_open(str(self.dir / shard), framework="pt")
+        try:
+            if shard not in self._shards:
+                self._shards[shard] = safe_open(str(self.dir / shard), framework="pt")
+            features = self._shards[shard].get_tensor(name)
+        except (OSError, SafetensorError) as err:  # a shard deleted, cut short or overwritten since it was indexed
+            raise self._damaged(self.dir / shard, f"cannot read tensor {name!r} of {path} ({err})") from err
         self.hits += 1
-        return self._shards[shard].get_tensor(name), self.cut.get(key)
+        return features, self.cut.get(key)
 
     def build(self, model, paths: list[str], *, batch_size: int = 8) -> dict:
         """Encode the files not cached yet (bad files are skipped and counted) and write one new shard.

@@ -202,6 +202,9 @@ class SAFEDataset(Dataset):
                 _WARNED.add((s.dataset, s.id))
             log.log(logging.WARNING if first else logging.DEBUG, "skipped sample %s/%s: %s", s.dataset, s.id, err)
             return None
+        except Exception as err:  # not a known data problem: stop, but name the sample and its files
+            raise RuntimeError(f"loading sample {s.dataset}/{s.id} (image={s.image!r}, audio={s.audio!r}) failed: "
+                               f"{type(err).__name__}: {err}") from err
         item["meta"]["audio_truncated"] = item["audio_truncated"]  # evaluation's records count it per question
         return item
 

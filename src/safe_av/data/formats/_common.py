@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from safe_av.data.audio import probe_duration
-from safe_av.data.records import DataError
+from safe_av.data.records import BadEntry, DataError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")
 
@@ -50,14 +51,24 @@ def load_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(path, "json", f"line {err.lineno} col {err.colno}", f"invalid JSON: {err.msg}") from err
+    except RecursionError as err:
+        raise DataError(path, "json", "nesting", "invalid annotation file: nested too deeply to parse") from err
 
 
-def read_csv_rows(path: Path, required: Iterable[str]) -> list[dict[str, str | None]]:
+def read_csv_rows(path: Path, required: Iterable[str], bad: list[BadEntry]) -> list[tuple[int, dict[str, str | None]]]:
     """Read a CSV with a header; UTF-8 (BOM tolerated), falling back to latin-1.
+
+    Records are split only at ``\\n`` / ``\\r`` (never at the other characters ``str.splitlines`` breaks on, such as
+    U+2028 or the byte 0x85 that cp1252's ellipsis becomes under latin-1). A record with more fields than the header
+    (an unquoted comma in a caption) or one that runs over several lines (an unbalanced quote swallows the rows
+    after it) is appended to ``bad`` and left out, never cut or merged silently; a missing field reads as None.
+
+    Returns:
+        ``(line, row)`` per record, ``line`` the 1-based line it starts on.
 
     Raises:
         FileNotFoundError: the file is missing.
-        DataError: the header lacks a required column.
+        DataError: the header lacks a required column, or the CSV cannot be parsed (names the line).
     """
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
@@ -65,12 +76,35 @@ def read_csv_rows(path: Path, required: Iterable[str]) -> list[dict[str, str | N
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         text = path.read_text(encoding="latin-1")
-    reader = csv.DictReader(text.splitlines())
-    header = reader.fieldnames or []
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(path, "header", header, f"missing column(s) {missing}")
-    return list(reader)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, dict[str, str | None]]] = []
+    header: list[str] | None = None
+    end = 0  # the last line read so far
+    try:
+        for record in reader:
+            first, end = end + 1, reader.line_num
+            if not record:  # a blank line
+                continue
+            if header is None:
+                header = record
+                missing = [c for c in required if c not in header]
+                if missing:
+                    raise DataError(path, "header", header, f"missing column(s) {missing}")
+                continue
+            where = f"{path}:{first}"
+            if end > first:
+                bad.append(BadEntry(where, "row", record, f"the record runs over lines {first}-{end} (an unbalanced "
+                                                          "quote?); left out"))
+            elif len(record) > len(header):
+                bad.append(BadEntry(where, "row", record[len(header):], f"{len(record)} fields, the header has "
+                                                                        f"{len(header)} (an unquoted comma?)"))
+            else:
+                rows.append((first, dict(zip(header, record + [None] * (len(header) - len(record))))))
+    except csv.Error as err:
+        raise DataError(path, "csv", f"line {reader.line_num}", f"malformed CSV: {err}") from err
+    if header is None:
+        raise DataError(path, "header", [], f"missing column(s) {list(required)} (the file is empty)")
+    return rows
 
 
 def decode_str_list(value: Any) -> list[str] | None:
@@ -83,10 +117,10 @@ def decode_str_list(value: Any) -> list[str] | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             try:
                 value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # e.g. "{[1]: 2}", "[[[[..."
                 return None
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)

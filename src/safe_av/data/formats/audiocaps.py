@@ -64,8 +64,8 @@ def read(root: str | Path, split: str, *, probe_durations: bool = True) -> ReadR
     result = ReadResult()
     groups: dict[tuple[str, int], list[tuple[int, str]]] = {}
     first_line: dict[int, int] = {}
-    for i, row in enumerate(read_csv_rows(path, COLUMNS)):
-        where = f"{path}:{i + 2}"  # +2: header, 1-based lines
+    for line, row in read_csv_rows(path, COLUMNS, result.bad):
+        where = f"{path}:{line}"
         parsed = _parse_row(row, where, result)
         if parsed is None:
             continue
@@ -74,7 +74,7 @@ def read(root: str | Path, split: str, *, probe_durations: bool = True) -> ReadR
             result.bad.append(BadEntry(where, "audiocap_id", row.get("audiocap_id"),
                                        f"duplicate audiocap_id (first on line {first_line[cap_id]})"))
             continue
-        first_line[cap_id] = i + 2
+        first_line[cap_id] = line
         groups.setdefault((youtube_id, start), []).append((cap_id, caption))
     probe = DurationProbe(probe_durations)
     for (youtube_id, start), rows in groups.items():

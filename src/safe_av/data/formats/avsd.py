@@ -83,12 +83,15 @@ def _dialogs(data: Any, path: str, result: ReadResult):
         for i, record in enumerate(data["dialogs"]):
             where = f"{path}[dialogs][{i}]"
             video_id = record.get("image_id") if isinstance(record, dict) else None
-            if not isinstance(video_id, str) or not video_id:
-                result.bad.append(BadEntry(where, "image_id", video_id, "missing or not a string"))
+            if not isinstance(video_id, str) or not video_id.strip():
+                result.bad.append(BadEntry(where, "image_id", video_id, "missing, empty or not a string"))
                 continue
             yield where, video_id, record
     elif isinstance(data, dict):
         for video_id, record in data.items():
+            if not video_id.strip():  # it names the video's frames folder and audio file
+                result.bad.append(BadEntry(f"{path}[{video_id!r}]", "<video id key>", video_id, "empty video id"))
+                continue
             yield f"{path}[{video_id!r}]", video_id, record
     else:
         result.bad.append(BadEntry(path, "<root>", type(data).__name__, "expected a JSON object"))
@@ -107,11 +110,13 @@ def _read_dialog(record: Any, video_id: str, where: str, root: Path, probe: Dura
     history: list[list[str]] = []
     for t, turn in enumerate(turns):
         q, a = (turn.get("question"), turn.get("answer")) if isinstance(turn, dict) else (None, None)
-        if not isinstance(q, str) or not isinstance(a, str):
-            field = "question" if not isinstance(q, str) else "answer"
+        broken = [(f, v) for f, v in (("question", q), ("answer", a)) if not isinstance(v, str) or not v.strip()]
+        if broken:  # an empty answer would be an empty training target; an empty question, no question
+            field, value = broken[0]
             dropped = len(turns) - t - 1  # later turns would carry a broken history
             more = f"; the {dropped} later turn(s) of this dialog are dropped too" if dropped else ""
-            result.bad.append(BadEntry(f"{where}[dialog][{t}]", field, turn, f"missing or not a string{more}"))
+            what = "empty string" if isinstance(value, str) else "missing or not a string"
+            result.bad.append(BadEntry(f"{where}[dialog][{t}]", field, turn, f"{what}{more}"))
             for _ in range(dropped):
                 result.skip("turn after a malformed turn")
             return

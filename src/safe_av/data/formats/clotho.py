@@ -52,8 +52,8 @@ def read(root: str | Path, split: str, *, probe_durations: bool = True) -> ReadR
     probe = DurationProbe(probe_durations)
     result = ReadResult()
     seen: set[str] = set()
-    for i, row in enumerate(read_csv_rows(path, ("file_name", *CAPTION_COLUMNS))):
-        where = f"{path}:{i + 2}"
+    for line, row in read_csv_rows(path, ("file_name", *CAPTION_COLUMNS), result.bad):
+        where = f"{path}:{line}"
         name = (row.get("file_name") or "").strip()
         if not name:
             result.bad.append(BadEntry(where, "file_name", row.get("file_name"), "missing or empty"))
