@@ -65,9 +65,28 @@ def test_a_bad_override_is_blamed_on_set_not_on_the_file():
     with pytest.raises(ConfigError) as err:
         load_config("configs/demo.yaml", ["train.seed=abc"])
     assert str(err.value).startswith("--set train.seed='abc': expected an integer")
-    with pytest.raises(ConfigError) as err:  # a bad value in the file itself still names the file
+    with pytest.raises(ConfigError) as err:  # a value set by --set deep in a list is blamed on --set
         load_config("configs/demo.yaml", ["train.phases=[{name: x, train: [projecter]}]", "train.seed=1"])
-    assert "--set" not in str(err.value)
+    assert str(err.value).startswith("--set train.phases[0].train='projecter'")
+    for override, start in (("dta.root=x", "--set dta: unknown key; did you mean 'data'?"),
+                            ("train.phases.0.max_step=3", "--set train.phases[0].max_step: unknown key; did you "
+                                                          "mean 'max_steps'?"),
+                            ("train.phases.9.max_steps=3", "--set train.phases.9.max_steps: train.phases has 3")):
+        with pytest.raises(ConfigError) as err:
+            load_config("configs/demo.yaml", [override])
+        assert str(err.value).startswith(start), str(err.value)
+
+
+def test_a_bad_value_in_the_file_names_the_file_beside_an_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  sede: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.seed=1"])
+    assert str(err.value).startswith(f"{path}: train.sede: unknown key; did you mean 'seed'?")
+    path.write_text("train:\n  phases:\n    - {name: x, train: [projecter]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.seed=1"])
+    assert str(err.value).startswith(f"{path}: train.phases[0].train='projecter'")
 
 
 def test_exponent_without_a_dot_is_a_number(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -509,12 +510,19 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in names:
-            raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
+            raise ConfigError(unknown_key(full, key, names))
         kwargs[key] = _coerce(hints[key], value, full)
     try:
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+
+
+def unknown_key(full: str, key: Any, known) -> str:
+    """The message for an unknown config key: where, the closest known key when one is near, and all of them."""
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{full}: unknown key{hint} (known: {', '.join(sorted(map(str, known)))})"
 
 
 def to_dict(cfg: Any) -> dict:
@@ -552,7 +560,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = _yaml_load(raw)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
-        _set_dotted(data, key.strip(), value)
+        try:
+            _set_dotted(data, key.strip(), value)
+        except ConfigError as err:
+            raise ConfigError(f"--set {err}") from None
     return data
 
 
@@ -582,8 +593,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         # name where the bad value came from: an override (its key path as from_dict spells it) or the file
         keys = [re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", o.split("=", 1)[0].strip()) for o in overrides]
         msg = str(e)
-        where = ("--set " if any(msg.startswith((k + "=", k + ":", k + ".")) for k in keys)
-                 else f"{path}: " if path is not None else "")
+        bad = re.split(r"[:=]", msg, maxsplit=1)[0].strip()  # the key path the message is about
+        from_override = any(k == bad or k.startswith((bad + ".", bad + "[")) or bad.startswith((k + ".", k + "["))
+                            for k in keys)
+        where = "--set " if from_override else f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{msg}") from None
 
 
@@ -621,8 +634,7 @@ def _yaml_problem(err: "yaml.YAMLError") -> str:
 def _merge_check(defaults: dict, loaded: dict, prefix: str, path: Path) -> None:
     for k in loaded:
         if isinstance(defaults, dict) and defaults and k not in defaults and not prefix.endswith(("lr", "datasets")):
-            known = ", ".join(sorted(defaults))
-            raise ConfigError(f"{path}: {prefix}{k}: unknown key (known: {known})")
+            raise ConfigError(f"{path}: {unknown_key(prefix + str(k), k, defaults)}")
 
 
 def _deep_merge(base: Any, new: Any) -> Any:

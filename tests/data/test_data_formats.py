@@ -333,3 +333,18 @@ def test_audiocaps_duplicated_row_is_a_bad_entry_not_a_second_caption(tmp_path):
     assert [(b.where.split("/")[-1], b.field, b.value, b.reason) for b in result.bad] == [
         ("train.csv:4", "audiocap_id", "1", "duplicate audiocap_id (first on line 2)")
     ]
+
+
+def test_read_corpus_counts_what_the_readers_leave_out_on_purpose(tmp_path):
+    """Deleted MUSIC-AVQA questions and questions without answers reach Corpus.skipped (metrics.json and safe eval
+    report them), per dataset and reason; unanswered questions are not in the corpus."""
+    from safe_av.config import DataConfig
+    from safe_av.training.data import read_corpus
+
+    fx.write_musicavqa(tmp_path / "musicavqa")
+    vqa = fx.write_vqav2(tmp_path / "vqav2")
+    (vqa / "v2_OpenEnded_mscoco_test2015_questions.json").write_text(json.dumps(fx.VQA_QUESTIONS))
+    corpus = read_corpus(DataConfig(root=str(tmp_path)), ["musicavqa", "vqav2"], {"musicavqa": "train",
+                                                                                  "vqav2": "test"})
+    assert corpus.skipped == {"musicavqa": {"question_deleted": 1}, "vqav2": {"no answers": 3}}
+    assert {s.dataset for s in corpus.samples} == {"musicavqa"}

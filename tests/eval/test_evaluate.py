@@ -1,3 +1,5 @@
+import pytest
+
 from safe_av.data.records import Sample
 from safe_av.eval.evaluate import chance_accuracy, normalize_answer, shuffled_audio
 
@@ -76,3 +78,22 @@ def test_evaluate_run_stores_per_type_baselines_and_conditions():
     assert out["avqa_majority_by_type"]["AV Comparative"] == 1.0
     assert out["avqa_n_by_type"]["Audio Counting"] == 2 and out["avqa_n_by_type"]["Overall"] == 3
     assert out["avqa_chance_by_type"]["Visual Location"] is None
+
+
+def test_one_parser_and_one_notion_of_correct_for_avqa():
+    """The audio-dependent subset reads question types with the per-type table's parser (the dataset's own list
+    form and the AV abbreviation included), and a record without 'correct' is scored as score_avqa scores it
+    (punctuation and case ignored)."""
+    from safe_av.eval.evaluate import is_audio_dependent, score_avqa
+    from safe_av.eval.metrics import avqa_accuracy
+
+    assert [is_audio_dependent(t) for t in ("['Audio', 'Counting']", "AV/Counting", "audio_visual/Temporal",
+                                            "Visual/Location", "Audio/Nonsense", None)] == [
+        True, True, True, False, False, False]
+    recs = [{"prediction": p, "answers": [a], "question_type": t} for p, a, t in (
+        ("yes", "yes", "['Audio', 'Counting']"), ("two", "two", "AV/Counting"), ("no", "yes", "Audio/Counting"),
+        ("left", "left", "Visual/Location"))]
+    scored = score_avqa([dict(r) for r in recs])
+    assert scored["audio_dependent"] == pytest.approx(2 / 3) and scored["overall"] == pytest.approx(3 / 4)
+    assert avqa_accuracy([{"prediction": "Yes.", "answers": ["yes"], "question_type": "Audio/Counting"}])[
+        "overall"] == 1.0

@@ -491,3 +491,19 @@ def test_safe_eval_says_which_sets_it_skips_and_why(run, corpus, tmp_path, caplo
         result = evaluate_checkpoint(cfg, str(run), split=None, output=str(tmp_path / "b.json"))
     assert set(result["missing_datasets"]) == {"musicavqa", "audiocaps"} and "safe_vqa_accuracy" in result
     assert "musicavqa is not evaluated (data.eval_split='tset')" in caplog.text
+
+
+def test_safe_eval_of_a_split_without_answers_skips_the_set_and_counts_its_questions(run, corpus, tmp_path):
+    """VQA v2's test questions are public, its answers are not: `--split test` with the questions file present
+    leaves VQA out (named in missing_datasets, its questions counted in skipped_annotations) instead of failing in
+    score_vqa after both generation passes."""
+    root = _damaged_copy(corpus, tmp_path)
+    vqa = root / "vqav2"
+    questions = json.loads(next(vqa.glob("*val2014_questions.json")).read_text())
+    questions["data_subtype"] = "test2015"
+    (vqa / "v2_OpenEnded_mscoco_test2015_questions.json").write_text(json.dumps(questions))
+    result = evaluate_checkpoint(make_cfg(root), str(run), split="test", output=str(tmp_path / "m.json"))
+    n = len(questions["questions"])
+    assert "has %d questions but no answers" % n in result["missing_datasets"]["vqav2"]
+    assert result["skipped_annotations"]["vqav2"] == {"no answers": n}
+    assert "safe_vqa_accuracy" not in result and result["avqa_accuracy"] is not None

@@ -223,13 +223,16 @@ def test_gradient_checkpointing_still_reaches_audio_tokens(rng, family):
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_checkpointing_flag_follows_transformers_switch(tiny_models):
+def test_checkpointing_flag_follows_transformers_switch():
     """``BaseVL.checkpointing`` (looked up on the layers found once) agrees with transformers' own test, also when
-    checkpointing is switched on or off after the model was built."""
+    checkpointing is switched on or off after the model was built (a fresh base: the shared fixtures stay as
+    they are)."""
     from peft import LoraConfig
 
-    cfg, vl, enc = tiny_models("tiny-blip2-opt")
-    SAFEModel(vl, enc, num_audio_tokens=4, projector_hidden=64,
+    from safe_av.models.audio_encoders import AudioEncoder
+
+    vl = BaseVL(*load_base("tiny-blip2-opt"))
+    SAFEModel(vl, AudioEncoder(*load_audio_encoder("tiny-clap")), num_audio_tokens=4, projector_hidden=64,
               lora=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     assert vl.checkpointing is False and vl.model.is_activation_checkpointing is False
     vl.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

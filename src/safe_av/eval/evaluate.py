@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import re
 from collections import Counter, defaultdict
 
 import torch
@@ -13,11 +12,12 @@ from torch.utils.data import DataLoader
 
 from safe_av.data.records import Sample
 from safe_av.data.text import SAFEProcessor, move_batch
-from safe_av.eval.metrics import (
+from safe_av.eval.metrics import (  # noqa: F401 (normalize_answer: also this module's name for it)
     AVQA_TABLE_ROWS,
-    parse_avqa_type,
     avqa_accuracy,
     feature_cosine_similarity,
+    normalize_answer,
+    parse_avqa_type,
     temporal_accuracy,
     vqa_accuracy,
 )
@@ -26,13 +26,11 @@ from safe_av.training.data import SAFEDataset
 AUDIO_SCENARIOS = ("Audio", "Audio-Visual")
 
 
-def normalize_answer(text: str) -> str:
-    """Lower-case, strip punctuation and extra spaces (exact-match AVQA scoring)."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def is_audio_dependent(question_type: str | None) -> bool:
-    return bool(question_type) and question_type.split("/")[0] in AUDIO_SCENARIOS
+def is_audio_dependent(question_type) -> bool:
+    """Whether an AVQA question's scenario needs the audio (Audio, Audio-Visual), read by the same parser as the
+    per-type table (``parse_avqa_type``: ``"Audio/Counting"``, the dataset's ``"['Audio', 'Counting']"``, ...)."""
+    parsed = parse_avqa_type(question_type)
+    return parsed is not None and parsed[0] in AUDIO_SCENARIOS
 
 
 def predict(model, processor: SAFEProcessor, samples: list[Sample], *, batch_size: int = 16,

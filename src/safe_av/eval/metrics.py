@@ -245,6 +245,11 @@ AVQA_TABLE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )  # fmt: skip
 
 
+def normalize_answer(text: str) -> str:
+    """Lower-case, strip punctuation and extra spaces (exact-match AVQA scoring)."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
 def parse_avqa_type(qtype: Any) -> tuple[str, str] | None:
     """``"Audio/Counting"``, the dataset's ``"['Audio', 'Counting']"`` or a 2-sequence."""
     if qtype is None:
@@ -280,7 +285,7 @@ def _is_correct(record: Any, index: int) -> bool:
         answer = answers[0] if answers else None
     if pred is None or answer is None:
         raise ValueError(f"record {index} needs 'correct' or 'prediction' plus 'answer'/'answers', got {record!r}")
-    return str(pred).strip().lower() == str(answer).strip().lower()
+    return normalize_answer(str(pred)) == normalize_answer(str(answer))
 
 
 def avqa_accuracy(records: Sequence[Any]) -> dict[str, Any]:

@@ -451,23 +451,31 @@ def _explain_missing(missing: dict, cfg: SAFEConfig, split: str | None) -> None:
 
 
 def _read_split(cfg: SAFEConfig, name: str, split: str, missing: dict, bad: list | None = None, *,
-                cap: bool = True) -> list[Sample]:
-    from safe_av.data.formats import read as read_format
+                cap: bool = True, skipped: dict | None = None) -> list[Sample]:
+    """The scorable samples of one set's split (``read_corpus``: bad entries logged and added to ``bad``, the
+    reader's deliberate skips and the questions without answers counted into ``skipped``); a split that is absent,
+    or has questions but no answers at all (a test split's), is ``missing``: nothing to score."""
+    from safe_av.training.data import read_corpus
 
     root = Path(cfg.data.root) / name
     if not root.is_dir():
         missing[name] = f"{root} not found"
         return []
     try:
-        result = read_format(name, root, split)
+        corpus = read_corpus(cfg.data, [name], split)
     except FileNotFoundError as err:
         missing[name] = str(err)
         return []
-    for entry in result.bad:
-        log.warning("skipped annotation: %s", entry)
     if bad is not None:
-        bad.extend(result.bad)
-    samples = result.samples
+        bad.extend(corpus.bad)
+    if skipped is not None:
+        skipped.update(corpus.skipped)
+    samples = corpus.samples
+    unanswered = corpus.skipped.get(name, {}).get("no answers", 0)
+    if not samples and unanswered:
+        missing[name] = (f"split {split!r} has {unanswered} questions but no answers (annotations not published): "
+                         "nothing to score")
+        return []
     if cap and cfg.eval.max_samples is not None:
         samples = samples[: cfg.eval.max_samples]
     return samples
@@ -554,9 +562,10 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
     model, processor = loaded.model, loaded.processor
     missing: dict[str, str] = {}
     bad: list = []
-    vqa = _read_split(cfg, cfg.data.vqa_dataset, splits["vqa"], missing, bad, cap=False)
-    avqa = _read_split(cfg, cfg.data.avqa_dataset, splits["avqa"], missing, bad, cap=False)
-    caps = (_read_split(cfg, cfg.data.caption_dataset, splits["caption"], missing, bad)
+    skipped: dict[str, dict[str, int]] = {}
+    vqa = _read_split(cfg, cfg.data.vqa_dataset, splits["vqa"], missing, bad, cap=False, skipped=skipped)
+    avqa = _read_split(cfg, cfg.data.avqa_dataset, splits["avqa"], missing, bad, cap=False, skipped=skipped)
+    caps = (_read_split(cfg, cfg.data.caption_dataset, splits["caption"], missing, bad, skipped=skipped)
             if cfg.data.caption_dataset else [])
     _explain_missing(missing, cfg, split)
     (vqa, avqa), held, selection_split = _without_selection(cfg, loaded.cfg, splits, vqa, avqa,
@@ -584,6 +593,7 @@ def evaluate_checkpoint(cfg: SAFEConfig, checkpoint: str, *, split: str | None =
         "audio_encoder_path": loaded.audio_encoder_path, "split": split, "splits": splits, "data_root": cfg.data.root,
         "missing_datasets": missing, "selection_split": selection_split, "held_out": held,
         "n_samples": {"vqa": len(vqa), "avqa": len(avqa), "caption": len(caps)}, "bad_annotations": len(bad),
+        "skipped_annotations": skipped,
     }
     evaluated = {}
     if vqa:

@@ -26,19 +26,38 @@ class Corpus:
 
     samples: list[Sample] = field(default_factory=list)
     bad: list = field(default_factory=list)
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Entries left out on purpose, per dataset and reason: the readers' (``question_deleted``, ``answer
+    undisclosed``, ...) and ``no answers`` (a split without published annotations: nothing to train or score)."""
 
     def of(self, *datasets: str) -> list[Sample]:
         return [s for s in self.samples if s.dataset in datasets]
 
+    def add(self, other: "Corpus") -> None:
+        self.samples += other.samples
+        self.bad += other.bad
+        for name, counts in other.skipped.items():
+            mine = self.skipped.setdefault(name, {})
+            for reason, n in counts.items():
+                mine[reason] = mine.get(reason, 0) + n
+
 
 def read_corpus(cfg: DataConfig, datasets: list[str], split: str | dict[str, str]) -> Corpus:
     """Read ``split`` (one for all, or per dataset name) of each dataset from ``cfg.root/<dataset>`` (layouts in
-    the README)."""
+    the README). Questions without answers are left out and counted (``Corpus.skipped``)."""
     corpus = Corpus()
     for name in dict.fromkeys(datasets):
         result = read_format(name, Path(cfg.root) / name, split[name] if isinstance(split, dict) else split)
-        corpus.samples.extend(result.samples)
+        answered = [s for s in result.samples if s.answers]
+        corpus.samples.extend(answered)
         corpus.bad.extend(result.bad)
+        counts = dict(result.skipped)
+        if len(answered) < len(result.samples):
+            counts["no answers"] = len(result.samples) - len(answered)
+            log.warning("%s: %d of %d entries have no answers (annotations not published for this split?) and are "
+                        "left out", name, counts["no answers"], len(result.samples))
+        if counts:
+            corpus.skipped[name] = counts
         for bad in result.bad:
             log.warning("skipped annotation: %s", bad)
     return corpus
@@ -73,15 +92,16 @@ def read_eval_corpora(cfg: SAFEConfig) -> tuple[Corpus, Corpus]:
     final = Corpus()
     for name in names:
         key = "data." + cfg.data.final_split_key(name)
-        if splits[name] == cfg.data.select_split:  # read once: the same files
+        if splits[name] == cfg.data.select_split:  # read once: the same files (their bad entries counted once)
             final.samples += select.of(name)
+            if name in select.skipped:
+                final.skipped[name] = dict(select.skipped[name])
             continue
         try:
             part = read_corpus(cfg.data, [name], splits[name])
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{key}={splits[name]!r}: {err}") from err
-        final.samples += part.samples
-        final.bad += part.bad
+        final.add(part)
     return select, final
 
 

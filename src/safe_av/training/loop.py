@@ -178,6 +178,10 @@ class Trainer:
         # once each: corpora that read the same split read the same files
         self.bad_annotations = len({str(b) for c in (self.train_corpus, self.select_corpus, self.eval_corpus)
                                     for b in c.bad})
+        # entries left out on purpose (deleted questions, undisclosed answers, no answers), per corpus and dataset
+        self.skipped_annotations = {k: c.skipped for k, c in (("train", self.train_corpus),
+                                                               ("selection", self.select_corpus),
+                                                               ("final", self.eval_corpus)) if c.skipped}
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -814,7 +818,8 @@ class Trainer:
         metrics = evaluate_run(self, predictions)
         metrics.update(curriculum_stages=self._stage_starts(), skipped_samples=st.skipped_samples,
                        skipped_steps=st.skipped_steps, truncated_audio=st.truncated_audio,
-                       bad_annotations=self.bad_annotations, steps=st.global_step,
+                       bad_annotations=self.bad_annotations, skipped_annotations=self.skipped_annotations,
+                       steps=st.global_step,
                        phase_starts=st.phase_starts, train_seconds=round(time.time() - self.t0, 1))
         if self.main:
             (self.out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
