@@ -299,7 +299,7 @@ def avqa_accuracy(records: Sequence[Any]) -> dict[str, Any]:
         records: One per question, with ``question_type`` (``"Audio/Counting"``,
             ``"Audio-Visual/Temporal"``, or the dataset's ``"['Audio', 'Counting']"``) and either
             ``correct`` (bool) or ``prediction`` plus ``answer`` (or ``answers[0]``), compared
-            after ``strip().lower()``. Mappings or objects with those attributes.
+            after :func:`normalize_answer`. Mappings or objects with those attributes.
 
     Returns:
         ``overall`` (fraction), ``n``, ``by_type`` (``"<Scenario>/<Type>"`` -> fraction, every

@@ -10,6 +10,7 @@ Layout of ``run_dir/checkpoints/step-0000120/``::
     scaler.json                           AMP GradScaler state (if any)
     train_state.json (+ .safetensors)     curriculum state, sampler position, counters …
     rng.json + rng.safetensors            python / numpy / torch CPU (+ CUDA) RNG states
+    rng_rank<i>.json (+ .safetensors)     every rank's RNG states, under several processes
     config.yaml                           the resolved config
     meta.json                             step, metric, versions, and what the caller adds (``meta``:
                                           the trainer's base_path / audio_encoder_path, as adapter_config.json)
