@@ -134,3 +134,28 @@ def test_errors_name_the_problem():
         sampler().load_state_dict({"epoch": 0, "position": 1, "seed": 3})
     with pytest.raises(ValueError, match="position=999 outside"):
         sampler().load_state_dict({"epoch": 0, "position": 999})
+
+
+def test_batch_stream_falls_back_when_a_stage_filter_empties_a_pool(caplog):
+    """Audio-free samples all easy, a stage asking for medium/hard at ratio 0.5: the stream drops the difficulty
+    filter with a warning (it crashed mid-run at the stage change); data without audio-free samples cannot be drawn
+    at ratio 0.5 and says so."""
+    import logging
+
+    from safe_av.training.data import BatchStream, SAFEDataset
+
+    samples = ([Sample(f"a{i}", "musicavqa", "q", ["a"], audio=f"/x/{i}.wav", difficulty=d)
+                for i, d in enumerate(["easy", "medium", "hard"] * 4)]
+               + [Sample(f"v{i}", "vqav2", "q", ["a"], image=f"/x/{i}.jpg", difficulty="easy") for i in range(12)])
+    stream = BatchStream(SAFEDataset(samples, sampling_rate=16000), lambda b: b, batch_size=4, dataset_weights=None,
+                         seed=0)
+    with caplog.at_level(logging.WARNING, logger="safe_av.training.data"):
+        stream.configure(0.5, ["medium", "hard"])
+    assert stream.difficulties is None and stream.batches_per_epoch() > 0
+    assert "ignoring the difficulty filter" in caplog.text and "no eligible audio-free sample" in caplog.text
+    caplog.clear()
+    audio_only = BatchStream(SAFEDataset(samples[:12], sampling_rate=16000), lambda b: b, batch_size=4,
+                             dataset_weights=None, seed=0)
+    with caplog.at_level(logging.WARNING, logger="safe_av.training.data"):
+        audio_only.configure(0.5, None)
+    assert "audio_ratio=0.5 cannot be drawn: this phase's data has no audio-free sample" in caplog.text

@@ -74,6 +74,25 @@ def test_exact_resume_after_kill_mid_epoch_with_accumulation(full_run):
         assert torch.equal(a[k], b[k]), k
 
 
+class _LongerOnResume(Trainer):
+    """The resumed phase's length comes out 5 steps longer when recomputed, as an epoch-based curriculum phase's does
+    when the run resumes at a later stage (fewer or more batches per epoch)."""
+
+    def _start_phase(self, index):
+        optim, sched, stream, steps = super()._start_phase(index)
+        resumed = self.resume and self.state.phase == index and self.state.phase_step > 0
+        return optim, sched, stream, steps + (5 if resumed else 0)
+
+
+def test_resume_keeps_the_phase_length_it_started_with(full_run):
+    cfg, tmp, _ = full_run
+    run = tmp / "longer"
+    with pytest.raises(Stopped):
+        Trainer(cfg, run, stop_after=4).train()  # in phase 2
+    _LongerOnResume(cfg, run, resume="latest").train()
+    assert sorted(_losses(run)) == sorted(_losses(tmp / "run"))  # 9 steps, not 14
+
+
 def test_retention_is_tracked_in_a_base_training_phase_without_curriculum(small_corpus, tmp_path):
     """Phase 3 trains the base (language_projection) outside the curriculum, as the demo's does: the held-out
     VL retention is still evaluated every curriculum.eval_every steps there (the report's curve goes on)."""
@@ -392,3 +411,105 @@ def test_safe_eval_of_a_run_scores_its_final_questions(full_run, tmp_path):
         assert answers(result["predictions_file"], set_name) == answers(run / "predictions.jsonl", set_name)
     assert result["safe_vqa_accuracy"] == pytest.approx(metrics["safe_vqa_accuracy"])
     assert result["avqa_accuracy"] == pytest.approx(metrics["avqa_accuracy"])
+
+
+class _Overflow(Trainer):
+    """Multiplies the loss by 1e36 on the steps in ``blow_up``: the scaled gradients overflow, the loss does not."""
+
+    blow_up: set = set()
+
+    def compute_loss(self, model, batch, w):
+        loss, parts = super().compute_loss(model, batch, w)
+        return (loss * 1e36 if self.state.global_step in self.blow_up else loss), parts
+
+
+def test_fp16_loss_scaling_unscales_before_clipping_and_lowers_the_scale_on_overflow(small_corpus, tmp_path,
+                                                                                    monkeypatch):
+    """fp16 with one process: the optimizer goes through accelerate, so the gradient norm is measured and clipped on
+    unscaled gradients, and an overflowing step is skipped by the GradScaler, which lowers its scale, without counting
+    toward train.max_nonfinite (accelerate's CUDA fp16 set-up, mimicked on CPU with a CPU GradScaler)."""
+    from accelerate import Accelerator
+
+    cfg = tiny_train_config(small_corpus, tmp_path, **{"data.feature_cache": f"{tmp_path}/f", "train.max_nonfinite": 1})
+    tr = _Overflow(cfg, tmp_path / "run")
+    tr.setup()
+    tr.curriculum, tr.fisher = tr._build_curriculum(), None
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+    monkeypatch.setattr(tr.acc, "native_amp", True)
+    monkeypatch.setattr(tr.acc, "scaler", torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
+    optim, sched, stream, _ = tr._start_phase(1)
+    w = tr._weights(cfg.train.phases[1])
+    logs = tr._optimizer_step(tr.ddp_model, optim, sched, stream, w)
+    assert logs is not None and 0 < logs["grad_norm"] < 100  # x65536 before the fix: clipped every step
+    assert tr.acc.scaler.get_scale() == 2.0 ** 16
+    tr.blow_up = {tr.state.global_step}
+    assert tr._optimizer_step(tr.ddp_model, optim, sched, stream, w) is None
+    assert tr.acc.scaler.get_scale() == 2.0 ** 15 and tr.state.nonfinite_in_a_row == 0
+    events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["reason"] == "fp16 gradient overflow (loss scale lowered to 32768)"
+    tr.blow_up = set()
+    assert tr._optimizer_step(tr.ddp_model, optim, sched, stream, w) is not None  # no "unscale_() already called"
+
+
+def test_a_step_reports_the_rate_it_used_and_the_audio_it_held(small_corpus, tmp_path):
+    """The logged lr/<group> is the rate of the update just made (it was read after the scheduler moved on: the
+    first warmup step logged 2/2 of the base rate instead of 1/2), and audio_fraction is the step's own mix."""
+    cfg = tiny_train_config(small_corpus, tmp_path, **{"data.feature_cache": f"{tmp_path}/f"})
+    tr = Trainer(cfg, tmp_path / "run")
+    tr.setup()
+    tr.curriculum, tr.fisher = tr._build_curriculum(), None
+    optim, sched, stream, _ = tr._start_phase(2)  # 4 steps: a 2-step warmup to projector's 1e-3
+    w = tr._weights(cfg.train.phases[2])
+    first = tr._optimizer_step(tr.ddp_model, optim, sched, stream, w)
+    second = tr._optimizer_step(tr.ddp_model, optim, sched, stream, w)
+    assert first["_lrs"]["lr/projector"] == pytest.approx(5e-4)
+    assert second["_lrs"]["lr/projector"] == pytest.approx(1e-3)
+    optim, sched, stream, _ = tr._start_phase(0)  # AudioCaps: every sample has audio
+    assert tr._optimizer_step(tr.ddp_model, optim, sched, stream, tr._weights(cfg.train.phases[0]))[
+        "audio_fraction"] == 1.0
+
+
+class _Sequence:
+    """Stands in for a BatchStream: returns the given collated batches in order."""
+
+    def __init__(self, batches):
+        self.batches, self.audio_ratio = list(batches), 1.0
+
+    def next(self):
+        return dict(self.batches.pop(0))
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch_of_them_all(small_corpus, tmp_path):
+    """grad_accum=2 over micro-batches of 1 and 3 samples gives the token-mean gradient of the 4-sample batch (the
+    mean of the two micro-batch means weighted the lone sample's tokens three times too much). The task loss alone:
+    distillation and retention average over the distilled rows' tokens, which take the same share only roughly."""
+    cfg = tiny_train_config(small_corpus, tmp_path, **{"data.feature_cache": f"{tmp_path}/f", "model.projector.dropout": 0.0,
+                                                       "model.fusion.dropout": 0.0, "train.optim.grad_clip": 1.0e9,
+                                                       "loss.distillation": False, "loss.retention": False})
+    tr = Trainer(cfg, tmp_path / "run")
+    tr.setup()
+    tr.curriculum, tr.fisher = tr._build_curriculum(), None
+    optim, sched, stream, _ = tr._start_phase(1)
+    w = tr._weights(cfg.train.phases[1])
+    data = stream.dataset
+    items = [data[i] for i in range(len(data)) if data.samples[i].audio][:4]
+    assert len(items) == 4
+    grads = []
+    original_step = optim.step
+
+    def record(*a, **k):
+        grads.append({n: p.grad.clone() for n, p in tr.model.trainable_parameters().items() if p.grad is not None})
+        return original_step(*a, **k)
+
+    optim.step = record
+    state = {n: p.detach().clone() for n, p in tr.model.trainable_parameters().items()}
+    for accum, parts in ((1, [items]), (2, [items[:1], items[1:]])):
+        cfg.train.optim.grad_accum = accum
+        with torch.no_grad():
+            for n, p in tr.model.trainable_parameters().items():
+                p.copy_(state[n])
+        assert tr._optimizer_step(tr.ddp_model, optim, sched, _Sequence([tr.processor.collate(p) for p in parts]),
+                                  w) is not None
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-4, msg=n)

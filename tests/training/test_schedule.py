@@ -123,5 +123,15 @@ def test_scheduler_rejects_bad_values() -> None:
         build_scheduler(opt, warmup_steps=1, steps_per_epoch=0)
     with pytest.raises(ValueError, match="restart_epochs"):
         build_scheduler(opt, warmup_steps=1, steps_per_epoch=2, restart_epochs=0.1)
-    with pytest.raises(ValueError, match="'fusion'.*min_lr"):
-        build_scheduler(opt, warmup_steps=1, steps_per_epoch=2, min_lr=1e-4)
+
+
+def test_a_group_at_or_below_min_lr_holds_its_rate_after_warmup() -> None:
+    """The spec's phase 3 trains base modules at 1e-6, which is also its min_lr: that group stays at 1e-6 while the
+    others anneal (building the scheduler used to fail at the start of phase 3)."""
+    opt = _optimizer(_model())  # projector 1e-3, fusion 1e-4
+    sched = build_scheduler(opt, warmup_steps=2, steps_per_epoch=3, restart_epochs=2, min_lr=1e-4)
+    lrs = _lrs_over(sched, opt, 8)
+    fusion = [row[-1] for row in lrs]
+    assert fusion[:2] == pytest.approx([5e-5, 1e-4]) and fusion[2:] == pytest.approx([1e-4] * 6)
+    projector = [row[0] for row in lrs]
+    assert projector[2] == pytest.approx(1e-3) and 1e-4 < min(projector[3:]) < 1e-3

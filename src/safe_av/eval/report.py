@@ -407,8 +407,10 @@ _LINE_PLOTS = (
     _LinePlot("loss_weights.png", "Loss weights", "weight",
               "Loss-combination weights; dotted lines: weight changes (see the events table).",
               _numeric_keys("weights/"), "weights/", log_ok=False, weights=True),
-    _LinePlot("audio_ratio.png", "Audio ratio", "fraction", "Fraction of audio-bearing samples in the batch mix.",
-              lambda r: _keys(r, "audio_ratio"), log_ok=False),
+    _LinePlot("audio_ratio.png", "Audio ratio", "fraction",
+              "Target fraction of audio-bearing samples (audio_ratio) and the fraction the step's batches held "
+              "(audio_fraction: rounding per batch, clips that failed to load, or data without audio-free samples).",
+              lambda r: _keys(r, "audio_ratio") + _keys(r, "audio_fraction"), log_ok=False),
     _LinePlot("retention.png", "Retention and accuracy (eval)", "value", "Evaluation records over training.",
               _sorted_first("eval/", "eval/vl_retention"), "eval/", from_evals=True, log_ok=False, markers=True),
     _LinePlot("grad_norm.png", "Gradient norm", "norm", "Global gradient norm.", lambda r: _keys(r, "grad_norm")),

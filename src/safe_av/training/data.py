@@ -283,13 +283,24 @@ class BatchStream:
                  "other": any(s.audio is None for s in self.dataset.samples)}
         ratio = self.audio_ratio if pools["other"] else 1.0  # only audio-bearing data: every slot has audio
         ratio = ratio if pools["audio"] else 0.0
-        self._sampler = CurriculumBatchSampler(
-            self.dataset.samples, batch_size=self.batch_size, audio_ratio=ratio,
-            dataset_weights=self._present_weights(), difficulties=set(self.difficulties) if self.difficulties else None,
-            seed=self.seed, rank=self.rank, world_size=self.world_size)
-        if len(self._sampler) == 0 and self.difficulties:
-            log.warning("no full batch of %d with audio_ratio=%s among difficulties %s: ignoring the difficulty "
-                        "filter", self.batch_size, ratio, self.difficulties)
+        if ratio != self.audio_ratio:
+            log.warning("audio_ratio=%s cannot be drawn: this phase's data has %s; every batch gets audio_ratio=%s "
+                        "(logged per step as audio_fraction)", self.audio_ratio,
+                        "no audio-free sample" if ratio == 1.0 else "no audio", ratio)
+        try:
+            self._sampler = CurriculumBatchSampler(
+                self.dataset.samples, batch_size=self.batch_size, audio_ratio=ratio,
+                dataset_weights=self._present_weights(),
+                difficulties=set(self.difficulties) if self.difficulties else None,
+                seed=self.seed, rank=self.rank, world_size=self.world_size)
+            empty = None
+        except ValueError as err:  # a pool the filter emptied (e.g. no audio-free sample of these difficulties)
+            if not self.difficulties:
+                raise
+            empty = err
+        if (empty is not None or len(self._sampler) == 0) and self.difficulties:
+            log.warning("no full batch of %d with audio_ratio=%s among difficulties %s%s: ignoring the difficulty "
+                        "filter", self.batch_size, ratio, self.difficulties, f" ({empty})" if empty else "")
             self.difficulties = None
             return self._build()
         if len(self._sampler) == 0:

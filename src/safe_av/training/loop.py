@@ -47,6 +47,9 @@ class TrainState:
     global_step: int = 0
     phase: int = 0
     phase_step: int = 0
+    phase_steps: int | None = None
+    """The current phase's length, fixed when it starts: an epoch-based phase's length depends on the curriculum
+    stage then in force, so a resume (at a later stage) must not recompute it. None: a checkpoint from before."""
     stream: dict | None = None
     curriculum: dict | None = None
     skipped_samples: int = 0
@@ -77,6 +80,13 @@ class DataUnreadableError(ValueError):
 
 #: optimizer steps (or Fisher batches) in a row without one loadable sample before training stops
 EMPTY_STEPS_LIMIT = 10
+
+
+def _answer_tokens(batch: dict) -> int:
+    """The tokens a batch's task loss averages over: its labels that are not -100 (for a decoder-only LM the first
+    column never holds one, so this is also the count after the shift)."""
+    labels = batch.get("labels")
+    return 0 if labels is None else int((labels != -100).sum())
 
 
 def _check_empty_run(n: int, what: str, where: str) -> None:
@@ -255,9 +265,13 @@ class Trainer:
         sched = build_scheduler(optim, warmup_steps=min(cfg.train.optim.warmup_steps, steps // 2),
                                 steps_per_epoch=per_epoch, restart_epochs=cfg.train.optim.restart_epochs,
                                 min_lr=cfg.train.optim.min_lr)
-        # always wrapped, so a batch without audio behaves the same with one process or many
-        model, optim = (self.acc.prepare(_TouchAllTrainable(self.model), optim) if self.acc.num_processes > 1
-                        else (_TouchAllTrainable(self.model), optim))
+        # always wrapped, so a batch without audio behaves the same with one process or many; the optimizer always
+        # goes through accelerate, whose wrapper drives fp16's GradScaler (step, update) and whose clip_grad_norm_
+        # unscales only the optimizers it prepared: unprepared, one fp16 process clipped gradients still x65536
+        if self.acc.num_processes > 1:
+            model, optim = self.acc.prepare(_TouchAllTrainable(self.model), optim)
+        else:
+            model, optim = _TouchAllTrainable(self.model), self.acc.prepare_optimizer(optim)
         self.ddp_model = model
         n_train = sum(p.numel() for p in self.model.trainable_parameters().values())
         log.info("phase %d (%s): %d steps, trainable %d parameters in %s", index + 1, phase.name, steps, n_train,
@@ -480,8 +494,9 @@ class Trainer:
         self.phase_flops, self.peak_flops = self._phase_flops(index)
         if resume_from is not None:
             self._restore(resume_from, optim, sched, stream)
+            steps = st.phase_steps if st.phase_steps is not None else steps
         else:
-            st.phase, st.phase_step = index, 0
+            st.phase, st.phase_step, st.phase_steps = index, 0, steps
             st.phase_starts[str(index)] = st.global_step
             first_curriculum_phase = phase.curriculum and not any(p.curriculum for p in cfg.train.phases[:index])
             if first_curriculum_phase and self.curriculum is not None:
@@ -503,14 +518,14 @@ class Trainer:
             st.global_step += 1
             bar.update(1)
             if logs is not None:
-                n, n_tok = logs.pop("_samples"), logs.pop("_tokens")
+                n, n_tok, lrs = logs.pop("_samples"), logs.pop("_tokens"), logs.pop("_lrs")
                 dt = max(time.time() - t_step, 1e-9)
                 if self.phase_flops is not None:
                     logs["mfu"] = mfu(self.phase_flops, dt, self.peak_flops)
                 logs.update(step=st.global_step, phase=index + 1, stage=self._stage_index(phase),
                             audio_ratio=stream.audio_ratio, samples_per_s=n / dt, tokens_per_s=n_tok / dt,
                             peak_memory_mb=_peak_memory_mb(), **{f"weights/{k}": v for k, v in asdict(w).items()},
-                            **current_lrs(optim))
+                            **lrs)
                 drift = self._param_drift()
                 if drift is not None:
                     logs["param_drift"] = drift
@@ -540,16 +555,28 @@ class Trainer:
         # and micro-batch. A non-finite micro-batch loss still gets its backward (its NaN/inf reaches the
         # gradient norm; with several processes every rank must run the same all-reduces) and skips the step.
         sums: dict[str, torch.Tensor] = {}
-        n_samples, n_tokens = 0, 0
+        n_samples, n_tokens, n_audio = 0, 0, 0
         finite_t = torch.ones((), dtype=torch.bool, device=self.acc.device)
         micro_batches = [stream.next() for _ in range(accum)]
         # A micro-batch empty on any rank (none of its samples loaded) is skipped on every rank, and the gradients
         # are all-reduced on the last one that is left: a rank without that backward would leave the others
         # waiting, and one whose synchronising micro-batch was skipped would step on its own gradient.
-        empty = self._data_counts(micro_batches)
+        empty, tokens = self._data_counts(micro_batches)
         live = [b for b, e in zip(micro_batches, empty) if not e]
+        # Each micro-batch's loss is a mean over its answer tokens. Weighted by its share of the answer tokens of
+        # the whole step (every live micro-batch of every rank; DDP then averages over ranks), the step's gradient
+        # is the token mean one batch of them all would give: a micro-batch where few samples loaded, or with
+        # short answers, no longer counts as much as a full one, and grad_accum does not change the objective.
+        # Exact for the task loss (tests/integration/test_training.py); distillation and retention, means over
+        # the distilled rows' tokens, take the same share; the EWC penalty still counts once per step.
+        total = sum(t for t, e in zip(tokens, empty) if not e)
+        local = [_answer_tokens(b) for b in live]
+        local_total = sum(local)
         for i, batch in enumerate(live):
+            share = (local[i] * self.acc.num_processes / total) if total > 0 else 1 / len(live)
+            log_share = local[i] / local_total if local_total > 0 else 1 / len(live)  # this rank's token mean
             n_samples += batch["input_ids"].shape[0]
+            n_audio += int(batch["has_audio"].sum())
             n_tokens += int(batch["attention_mask"].sum())  # on the host, before the move
             batch = move_batch(batch, self.acc.device)
             sync = i == len(live) - 1 or self.acc.num_processes == 1
@@ -557,9 +584,9 @@ class Trainer:
             with ctx, self.acc.autocast():
                 loss, parts = self.compute_loss(model, batch, w)
             finite_t = finite_t & torch.isfinite(loss.detach())
-            self.acc.backward(loss / len(live))
+            self.acc.backward(loss * share)
             for k, v in [*((f"loss/{k}", v) for k, v in parts.items()), ("loss/total", loss)]:
-                v = v.detach().float() / len(live)
+                v = v.detach().float() * log_share
                 sums[k] = sums[k] + v if k in sums else v
         if not sums:  # no micro-batch had a loadable sample: nothing to learn from
             return self._skip_empty_step(optim, sched)
@@ -572,12 +599,22 @@ class Trainer:
         finite = host[0] > 0
         grad_norm = host[1]
         totals: dict[str, float] = dict(zip(sums, host[2:]))
+        scaler = self.acc.scaler  # fp16's GradScaler (None otherwise)
         if not finite or not math.isfinite(grad_norm):
+            # fp16: an overflowing gradient is how the scaler finds its scale; its step skips the update and lowers
+            # the scale (without it the scale never fell, and the next unscale_ raised). Only a loss that is itself
+            # non-finite, or overflow at a scale below 1, counts toward train.max_nonfinite.
+            overflow = scaler is not None and finite
+            if scaler is not None:
+                optim.step()
             optim.zero_grad(set_to_none=True)
             st.skipped_steps += 1
-            st.nonfinite_in_a_row += 1
-            self._log_jsonl({"event": "skipped_step", "step": st.global_step + 1,
-                             "reason": "non-finite loss" if not finite else "non-finite gradient norm"})
+            if not overflow or scaler.get_scale() < 1.0:
+                st.nonfinite_in_a_row += 1
+            reason = ("non-finite loss" if not finite else
+                      f"fp16 gradient overflow (loss scale lowered to {scaler.get_scale():g})" if overflow else
+                      "non-finite gradient norm")
+            self._log_jsonl({"event": "skipped_step", "step": st.global_step + 1, "reason": reason})
             if st.nonfinite_in_a_row >= cfg.train.max_nonfinite:
                 raise NonFiniteError(f"{st.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
                                      f"gradient (train.max_nonfinite={cfg.train.max_nonfinite}); stopping. Lower "
@@ -585,25 +622,29 @@ class Trainer:
             sched.step()
             return None
         st.nonfinite_in_a_row = 0
+        totals["_lrs"] = current_lrs(optim)  # the rates this update uses (the scheduler moves on below)
         optim.step()
         sched.step()
         optim.zero_grad(set_to_none=True)
         totals["grad_norm"] = grad_norm
         totals["_samples"], totals["_tokens"] = n_samples, n_tokens
+        totals["audio_fraction"] = n_audio / max(n_samples, 1)  # what the step's batches held (this rank)
         return totals
 
-    def _data_counts(self, micro_batches: list[dict]) -> list[bool]:
-        """Per micro-batch, whether it is empty on this rank or any other; adds the step's skipped samples and
-        truncated clips of all ranks to the state (one small all-reduce with several processes, so every rank
-        holds the same counts and any rank's checkpoint state is the run's)."""
+    def _data_counts(self, micro_batches: list[dict]) -> tuple[list[bool], list[int]]:
+        """Per micro-batch, whether it is empty on this rank or any other, and its answer tokens summed over the
+        ranks; adds the step's skipped samples and truncated clips of all ranks to the state (one small all-reduce
+        with several processes, so every rank holds the same counts and any rank's checkpoint state is the run's)."""
+        n = len(micro_batches)
         values = [float(bool(b.get("empty"))) for b in micro_batches]
+        values += [float(0 if b.get("empty") else _answer_tokens(b)) for b in micro_batches]
         values += [float(sum(int(b.get("skipped", 0)) for b in micro_batches)),
                    float(sum(int(b.get("audio_truncated", 0)) for b in micro_batches))]
         if self.acc.num_processes > 1:
             values = self.acc.reduce(torch.tensor(values, device=self.acc.device), reduction="sum").tolist()
         self.state.skipped_samples += int(values[-2])
         self.state.truncated_audio += int(values[-1])
-        return [v > 0 for v in values[:-2]]
+        return [v > 0 for v in values[:n]], [int(v) for v in values[n:2 * n]]
 
     def _skip_empty_step(self, optim, sched) -> None:
         """An optimizer step none of whose micro-batches had a loadable sample: skipped and counted as such; a

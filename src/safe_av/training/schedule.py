@@ -8,6 +8,7 @@ and a resumed run follows exactly the same curve.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+log = logging.getLogger(__name__)
 
 #: Suffix of the no-weight-decay twin of each named group.
 NO_DECAY_SUFFIX = ".no_decay"
@@ -144,14 +147,14 @@ def build_scheduler(
         steps_per_epoch: optimizer steps per epoch.
         restart_epochs: epochs per cosine cycle (the spec's "restart every 2 epochs"); may be
             fractional.
-        min_lr: floor of every cycle, absolute (the spec's 1e-6).
+        min_lr: floor of every cycle, absolute (the spec's 1e-6). A group whose base LR is not above it keeps its
+            base LR after the warmup (the spec's phase 3 trains unfrozen base modules at 1e-6, its own floor).
 
     Returns:
         A ``LambdaLR`` with one :class:`WarmupCosineRestarts` per group.
 
     Raises:
-        ValueError: non-positive counts or period, negative ``min_lr``, or a group whose base
-            LR is not above ``min_lr``.
+        ValueError: non-positive counts or period, or a negative ``min_lr``.
     """
     for key, value, low in (("warmup_steps", warmup_steps, 0), ("steps_per_epoch", steps_per_epoch, 1)):
         if not (isinstance(value, int) and value >= low):
@@ -167,10 +170,10 @@ def build_scheduler(
     lambdas = []
     for i, group in enumerate(optimizer.param_groups):
         base = float(group.get("initial_lr", group["lr"]))
-        if not base > min_lr:
-            name = group.get("name", i)
-            raise ValueError(f"build_scheduler: group {name!r} lr {base} must exceed min_lr {min_lr}")
-        lambdas.append(WarmupCosineRestarts(base, warmup_steps, period, min_lr))
+        if base <= min_lr and not str(group.get("name", "")).endswith(NO_DECAY_SUFFIX):
+            log.info("learning rate of group %r (%g) is not above min_lr (%g): it stays at %g after the warmup",
+                     group.get("name", i), base, min_lr, base)
+        lambdas.append(WarmupCosineRestarts(base, warmup_steps, period, min(min_lr, base)))
     return LambdaLR(optimizer, lambdas)
 
 
