@@ -265,13 +265,16 @@ class Trainer:
         sched = build_scheduler(optim, warmup_steps=min(cfg.train.optim.warmup_steps, steps // 2),
                                 steps_per_epoch=per_epoch, restart_epochs=cfg.train.optim.restart_epochs,
                                 min_lr=cfg.train.optim.min_lr)
-        # always wrapped, so a batch without audio behaves the same with one process or many; the optimizer always
-        # goes through accelerate, whose wrapper drives fp16's GradScaler (step, update) and whose clip_grad_norm_
-        # unscales only the optimizers it prepared: unprepared, one fp16 process clipped gradients still x65536
+        # always wrapped, so a batch without audio behaves the same with one process or many. With fp16's
+        # GradScaler the optimizer goes through accelerate even in one process: its wrapper drives the scaler (step,
+        # update) and its clip_grad_norm_ unscales only the optimizers it prepared (unprepared, one fp16 process
+        # clipped gradients still x65536). Otherwise one process keeps the bare optimizer: the wrapper would add
+        # ~0.5 ms of Python to a demo step (bench/step_overhead.py) and do nothing.
         if self.acc.num_processes > 1:
             model, optim = self.acc.prepare(_TouchAllTrainable(self.model), optim)
         else:
-            model, optim = _TouchAllTrainable(self.model), self.acc.prepare_optimizer(optim)
+            model = _TouchAllTrainable(self.model)
+            optim = self.acc.prepare_optimizer(optim) if self.acc.scaler is not None else optim
         self.ddp_model = model
         n_train = sum(p.numel() for p in self.model.trainable_parameters().values())
         log.info("phase %d (%s): %d steps, trainable %d parameters in %s", index + 1, phase.name, steps, n_train,
@@ -561,7 +564,8 @@ class Trainer:
         # A micro-batch empty on any rank (none of its samples loaded) is skipped on every rank, and the gradients
         # are all-reduced on the last one that is left: a rank without that backward would leave the others
         # waiting, and one whose synchronising micro-batch was skipped would step on its own gradient.
-        empty, tokens = self._data_counts(micro_batches)
+        local_tokens = [0 if b.get("empty") else _answer_tokens(b) for b in micro_batches]
+        empty, tokens = self._data_counts(micro_batches, local_tokens)
         live = [b for b, e in zip(micro_batches, empty) if not e]
         # Each micro-batch's loss is a mean over its answer tokens. Weighted by its share of the answer tokens of
         # the whole step (every live micro-batch of every rank; DDP then averages over ranks), the step's gradient
@@ -570,7 +574,7 @@ class Trainer:
         # Exact for the task loss (tests/integration/test_training.py); distillation and retention, means over
         # the distilled rows' tokens, take the same share; the EWC penalty still counts once per step.
         total = sum(t for t, e in zip(tokens, empty) if not e)
-        local = [_answer_tokens(b) for b in live]
+        local = [t for t, e in zip(local_tokens, empty) if not e]
         local_total = sum(local)
         for i, batch in enumerate(live):
             share = (local[i] * self.acc.num_processes / total) if total > 0 else 1 / len(live)
@@ -631,13 +635,13 @@ class Trainer:
         totals["audio_fraction"] = n_audio / max(n_samples, 1)  # what the step's batches held (this rank)
         return totals
 
-    def _data_counts(self, micro_batches: list[dict]) -> tuple[list[bool], list[int]]:
-        """Per micro-batch, whether it is empty on this rank or any other, and its answer tokens summed over the
-        ranks; adds the step's skipped samples and truncated clips of all ranks to the state (one small all-reduce
+    def _data_counts(self, micro_batches: list[dict], tokens: list[int]) -> tuple[list[bool], list[int]]:
+        """Per micro-batch, whether it is empty on this rank or any other, and its answer tokens (``tokens``: this
+        rank's) summed over the ranks; adds the step's skipped samples and truncated clips of all ranks to the state (one small all-reduce
         with several processes, so every rank holds the same counts and any rank's checkpoint state is the run's)."""
         n = len(micro_batches)
         values = [float(bool(b.get("empty"))) for b in micro_batches]
-        values += [float(0 if b.get("empty") else _answer_tokens(b)) for b in micro_batches]
+        values += [float(t) for t in tokens]
         values += [float(sum(int(b.get("skipped", 0)) for b in micro_batches)),
                    float(sum(int(b.get("audio_truncated", 0)) for b in micro_batches))]
         if self.acc.num_processes > 1:
