@@ -19,10 +19,12 @@ VQA accuracy min(#matches/3, 1) is unaffected) so that one equal to
 
 Rejected as bad entries (naming file, index, field and value), as the MUSIC-AVQA reader
 does: a question or annotation that is not an object or lacks/mistypes a field, an
-empty question, an empty ``multiple_choice_answer`` or human answer, an unknown
-``answer_type``, a question without annotation, and duplicates: a repeated
-``question_id`` in the questions or in the annotations keeps the first occurrence
-and reports each later one.
+empty question, an empty ``multiple_choice_answer``, an unknown ``answer_type``, a
+question without annotation, and duplicates: a repeated ``question_id`` in the questions
+or in the annotations keeps the first occurrence and reports each later one. An empty
+*human* answer does not reject its question: the official evaluator scores it as an
+annotator whose answer matches no prediction, and so does ``vqa_accuracy``; such
+questions are counted in the reader's log.
 
 Expected ``--root`` layout::
 
@@ -36,12 +38,15 @@ Expected ``--root`` layout::
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from safe_av.data.difficulty import difficulty_of
 from safe_av.data.formats._common import find_file, load_json
 from safe_av.data.records import BadEntry, DataError, ReadResult, Sample
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 SUBTYPE = {"train": "train2014", "val": "val2014", "test": "test2015", "test-dev": "test-dev2015"}
@@ -97,6 +102,11 @@ def read(root: str | Path, split: str) -> ReadResult:
             continue
         first[sample.id] = i
         result.samples.append(sample)
+    partial = sum(any(not a.strip() for a in s.answers) for s in result.samples)
+    if partial:
+        log.info("%s: %d question(s) have an empty human answer among their %s; kept and scored as the official "
+                 "evaluator scores them (that annotator matches no prediction)", q_path, partial,
+                 "ten" if all(len(s.answers) == 10 for s in result.samples) else "answers")
     return result
 
 
@@ -180,15 +190,10 @@ def _parse_annotation(ann: dict | None, where: str, result: ReadResult) -> tuple
     if not mca.strip():
         result.bad.append(BadEntry(where, "multiple_choice_answer", mca, "empty string"))
         return None
-    empty = [k for k, a in enumerate(raw) if not a["answer"].strip()]
-    if empty:
-        result.bad.append(BadEntry(where, f"answers[{empty[0]}].answer", raw[empty[0]]["answer"],
-                                   f"empty string ({len(empty)} of {len(raw)} answers empty)"))
-        return None
     if answer_type not in ANSWER_TYPES:
         result.bad.append(BadEntry(where, "answer_type", answer_type, f"expected one of {ANSWER_TYPES}"))
         return None
-    answers = [a["answer"] for a in raw]
+    answers = [a["answer"] for a in raw]  # an empty one stays: it matches no prediction, as officially
     if mca in answers:  # move one copy to the front; the multiset is unchanged
         answers.remove(mca)
         answers.insert(0, mca)
