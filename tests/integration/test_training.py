@@ -420,7 +420,8 @@ class _Overflow(Trainer):
 
     def compute_loss(self, model, batch, w):
         loss, parts = super().compute_loss(model, batch, w)
-        return (loss * 1e36 if self.state.global_step in self.blow_up else loss), parts
+        k = 1e36 if self.state.global_step in self.blow_up else 1.0
+        return loss * k, {name: v * k for name, v in parts.items()}
 
 
 def test_fp16_loss_scaling_unscales_before_clipping_and_lowers_the_scale_on_overflow(small_corpus, tmp_path,
@@ -480,20 +481,24 @@ class _Sequence:
 
 
 def test_accumulated_micro_batches_give_the_gradient_of_one_batch_of_them_all(small_corpus, tmp_path):
-    """grad_accum=2 over micro-batches of 1 and 3 samples gives the token-mean gradient of the 4-sample batch (the
-    mean of the two micro-batch means weighted the lone sample's tokens three times too much). The task loss alone:
-    distillation and retention average over the distilled rows' tokens, which take the same share only roughly."""
+    """grad_accum=2 over micro-batches of 1 and 3 samples gives the gradient of the 4-sample batch (the mean of the
+    two micro-batch means weighted the lone sample's tokens three times too much), distillation and retention
+    included: each part is weighted by its share of its own tokens (the distilled rows' for those two)."""
     cfg = tiny_train_config(small_corpus, tmp_path, **{"data.feature_cache": f"{tmp_path}/f", "model.projector.dropout": 0.0,
-                                                       "model.fusion.dropout": 0.0, "train.optim.grad_clip": 1.0e9,
-                                                       "loss.distillation": False, "loss.retention": False})
+                                                       "model.fusion.dropout": 0.0, "train.optim.grad_clip": 1.0e9})
     tr = Trainer(cfg, tmp_path / "run")
     tr.setup()
     tr.curriculum, tr.fisher = tr._build_curriculum(), None
     optim, sched, stream, _ = tr._start_phase(1)
     w = tr._weights(cfg.train.phases[1])
     data = stream.dataset
-    items = [data[i] for i in range(len(data)) if data.samples[i].audio][:4]
-    assert len(items) == 4
+    from safe_av.training.loop import _image_question_meta
+
+    audio = [i for i in range(len(data)) if data.samples[i].audio]
+    image_q = [i for i in audio if _image_question_meta(data[i]["meta"])]  # distilled: answers must not need audio
+    other = [i for i in audio if i not in image_q]
+    items = [data[i] for i in (other[0], image_q[0], other[1], image_q[1])]  # the lone sample is not distilled
+    assert w.gamma > 0 and w.beta > 0
     grads = []
     original_step = optim.step
 
@@ -508,8 +513,8 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch_of_them_all(sm
         with torch.no_grad():
             for n, p in tr.model.trainable_parameters().items():
                 p.copy_(state[n])
-        assert tr._optimizer_step(tr.ddp_model, optim, sched, _Sequence([tr.processor.collate(p) for p in parts]),
-                                  w) is not None
+        logs = tr._optimizer_step(tr.ddp_model, optim, sched, _Sequence([tr.processor.collate(p) for p in parts]), w)
+        assert logs is not None and {"loss/distill", "loss/retention"} <= set(logs)
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-4, msg=n)

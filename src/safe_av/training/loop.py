@@ -82,13 +82,6 @@ class DataUnreadableError(ValueError):
 EMPTY_STEPS_LIMIT = 10
 
 
-def _answer_tokens(batch: dict) -> int:
-    """The tokens a batch's task loss averages over: its labels that are not -100 (for a decoder-only LM the first
-    column never holds one, so this is also the count after the shift)."""
-    labels = batch.get("labels")
-    return 0 if labels is None else int((labels != -100).sum())
-
-
 def _check_empty_run(n: int, what: str, where: str) -> None:
     """Stop with a clear error once ``n`` (steps or batches) in a row had no loadable sample."""
     if n >= EMPTY_STEPS_LIMIT:
@@ -564,34 +557,42 @@ class Trainer:
         # A micro-batch empty on any rank (none of its samples loaded) is skipped on every rank, and the gradients
         # are all-reduced on the last one that is left: a rank without that backward would leave the others
         # waiting, and one whose synchronising micro-batch was skipped would step on its own gradient.
-        local_tokens = [0 if b.get("empty") else _answer_tokens(b) for b in micro_batches]
+        local_tokens = [self._part_tokens(b, w) for b in micro_batches]
         empty, tokens = self._data_counts(micro_batches, local_tokens)
-        live = [b for b, e in zip(micro_batches, empty) if not e]
-        # Each micro-batch's loss is a mean over its answer tokens. Weighted by its share of the answer tokens of
-        # the whole step (every live micro-batch of every rank; DDP then averages over ranks), the step's gradient
-        # is the token mean one batch of them all would give: a micro-batch where few samples loaded, or with
-        # short answers, no longer counts as much as a full one, and grad_accum does not change the objective.
-        # Exact for the task loss (tests/integration/test_training.py); distillation and retention, means over
-        # the distilled rows' tokens, take the same share; the EWC penalty still counts once per step.
-        total = sum(t for t, e in zip(tokens, empty) if not e)
-        local = [t for t, e in zip(local_tokens, empty) if not e]
-        local_total = sum(local)
-        for i, batch in enumerate(live):
-            share = (local[i] * self.acc.num_processes / total) if total > 0 else 1 / len(live)
-            log_share = local[i] / local_total if local_total > 0 else 1 / len(live)  # this rank's token mean
+        live = [i for i, e in enumerate(empty) if not e]
+        # Each loss part is a mean over its own tokens: the task loss over the answer tokens, distillation and
+        # retention over those of the distilled rows. Each micro-batch's part is weighted by its share of that
+        # part's tokens in the whole step (every live micro-batch of every rank, x the number of processes, as DDP
+        # averages), so the step's gradient is the token mean one batch of them all would give: a micro-batch
+        # where few samples loaded, or with short answers, no longer counts as much as a full one, and grad_accum
+        # does not change the objective (tests/integration/test_training.py). The EWC penalty counts once a step.
+        world = self.acc.num_processes
+        step_total = [sum(tokens[i][k] for i in live) for k in (0, 1)]
+        rank_total = [sum(local_tokens[i][k] for i in live) for k in (0, 1)]
+
+        def shares(i: int, totals: list[int], scale: int) -> dict[str, float]:
+            task, distilled = (local_tokens[i][k] * scale / totals[k] if totals[k] else 0.0 for k in (0, 1))
+            return {"task": task if totals[0] else 1 / len(live), "distill": distilled, "retention": distilled,
+                    "fisher": 1 / len(live)}
+
+        for j, i in enumerate(live):
+            share, log_share = shares(i, step_total, world), shares(i, rank_total, 1)  # log: this rank's means
+            batch = micro_batches[i]
             n_samples += batch["input_ids"].shape[0]
             n_audio += int(batch["has_audio"].sum())
             n_tokens += int(batch["attention_mask"].sum())  # on the host, before the move
             batch = move_batch(batch, self.acc.device)
-            sync = i == len(live) - 1 or self.acc.num_processes == 1
+            sync = j == len(live) - 1 or world == 1
             ctx = self.acc.no_sync(model) if not sync else _null()
             with ctx, self.acc.autocast():
                 loss, parts = self.compute_loss(model, batch, w)
             finite_t = finite_t & torch.isfinite(loss.detach())
-            self.acc.backward(loss * share)
-            for k, v in [*((f"loss/{k}", v) for k, v in parts.items()), ("loss/total", loss)]:
-                v = v.detach().float() * log_share
-                sums[k] = sums[k] + v if k in sums else v
+            self.acc.backward(composite_loss({k: v * share[k] for k, v in parts.items()}, w))
+            for k, v in parts.items():
+                v = v.detach().float() * log_share[k]
+                sums[f"loss/{k}"] = sums[f"loss/{k}"] + v if f"loss/{k}" in sums else v
+        if sums:  # this rank's composite of its token means (one micro-batch: exactly compute_loss's total)
+            sums["loss/total"] = composite_loss({k.removeprefix("loss/"): v for k, v in sums.items()}, w)
         if not sums:  # no micro-batch had a loadable sample: nothing to learn from
             return self._skip_empty_step(optim, sched)
         st.empty_in_a_row = 0
@@ -635,20 +636,31 @@ class Trainer:
         totals["audio_fraction"] = n_audio / max(n_samples, 1)  # what the step's batches held (this rank)
         return totals
 
-    def _data_counts(self, micro_batches: list[dict], tokens: list[int]) -> tuple[list[bool], list[int]]:
-        """Per micro-batch, whether it is empty on this rank or any other, and its answer tokens (``tokens``: this
-        rank's) summed over the ranks; adds the step's skipped samples and truncated clips of all ranks to the state (one small all-reduce
+    def _part_tokens(self, batch: dict, w: LossWeights) -> tuple[int, int]:
+        """(answer tokens, answer tokens of the distilled rows) of a micro-batch: what its task loss and its
+        distillation / retention losses average over (labels not -100; a decoder-only LM's first column never
+        holds one, so the count is the same after the shift). (0, 0) for an empty micro-batch."""
+        if batch.get("empty") or batch.get("labels") is None:
+            return 0, 0
+        answer = batch["labels"] != -100
+        distilled = int(answer[self._distill_rows(batch)].sum()) if (w.beta > 0 or w.gamma > 0) else 0
+        return int(answer.sum()), distilled
+
+    def _data_counts(self, micro_batches: list[dict], tokens: list[tuple[int, int]]) \
+            -> tuple[list[bool], list[tuple[int, int]]]:
+        """Per micro-batch, whether it is empty on this rank or any other, and its token counts (``tokens``: this
+        rank's, from :meth:`_part_tokens`) summed over the ranks; adds the step's skipped samples and truncated clips of all ranks to the state (one small all-reduce
         with several processes, so every rank holds the same counts and any rank's checkpoint state is the run's)."""
         n = len(micro_batches)
         values = [float(bool(b.get("empty"))) for b in micro_batches]
-        values += [float(t) for t in tokens]
+        values += [float(t) for pair in tokens for t in pair]
         values += [float(sum(int(b.get("skipped", 0)) for b in micro_batches)),
                    float(sum(int(b.get("audio_truncated", 0)) for b in micro_batches))]
         if self.acc.num_processes > 1:
             values = self.acc.reduce(torch.tensor(values, device=self.acc.device), reduction="sum").tolist()
         self.state.skipped_samples += int(values[-2])
         self.state.truncated_audio += int(values[-1])
-        return [v > 0 for v in values[:n]], [int(v) for v in values[n:2 * n]]
+        return [v > 0 for v in values[:n]], [(int(values[n + 2 * i]), int(values[n + 2 * i + 1])) for i in range(n)]
 
     def _skip_empty_step(self, optim, sched) -> None:
         """An optimizer step none of whose micro-batches had a loadable sample: skipped and counted as such; a
