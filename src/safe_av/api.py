@@ -47,6 +47,66 @@ def _media_error(where: str, name: str, value, err: DataError) -> InputError:
     return InputError(f"{where}: field {name!r} = {str(value)!r}: {err.detail_under(name, value)}")
 
 
+def prepare_item(question: str, image=None, audio=None, *, sampling_rate: int, max_seconds: float = 10.0,
+                 where: str = "input") -> dict:
+    """Load one request into a collate item; :class:`InputError` names ``where`` and the field.
+
+    Args:
+        question: the question (``""`` asks for an audio caption).
+        image: an image path, a frame folder, a PIL image (16-bit and float ones rescaled as files are), or None.
+        audio: an audio path (read as training reads it: mono, resampled, its first ``max_seconds``), a 1-D float
+            waveform at ``sampling_rate`` (taken as it is), or None.
+    """
+    from PIL import Image
+
+    from safe_av.data.audio import load_audio
+    from safe_av.data.vision import load_image, pil_to_rgb
+
+    if not isinstance(question, str):
+        raise InputError(f"{where}: field 'question' must be a string, got {type(question).__name__}")
+    for field, value in (("image", image), ("audio", audio)):
+        if isinstance(value, (str, Path)) and not str(value).strip():  # Path("") is the working directory
+            raise InputError(f"{where}: field {field!r} is an empty path (leave it out, or null, for none)")
+    item = {"question": question, "answer": None, "image": None, "meta": {}}
+    if image is not None:
+        if isinstance(image, Image.Image):
+            try:
+                item["image"] = pil_to_rgb(image)
+            except DataError as err:
+                raise _media_error(where, "image", "<PIL image>", err) from err
+        elif isinstance(image, (str, Path)):
+            try:
+                item["image"] = load_image(image)
+            except DataError as err:
+                raise _media_error(where, "image", image, err) from err
+        else:
+            raise InputError(f"{where}: field 'image' must be a path or a PIL image, got {type(image).__name__}")
+    if audio is not None:
+        if isinstance(audio, (str, Path)):
+            try:
+                clip = load_audio(audio, target_sr=sampling_rate, max_seconds=max_seconds)
+            except DataError as err:
+                raise _media_error(where, "audio", audio, err) from err
+            item["waveform"], item["num_valid"] = clip.waveform, clip.num_valid
+        else:
+            if isinstance(audio, (bytes, bytearray, memoryview)):
+                raise InputError(f"{where}: field 'audio' must be a path or a 1-D float waveform at "
+                                 f"{sampling_rate} Hz, got {type(audio).__name__} (decode the file first, "
+                                 "or pass its path)")
+            try:
+                if torch.is_tensor(audio):
+                    audio = audio.detach().cpu().float().numpy()
+                wave = np.asarray(audio, dtype=np.float32)
+            except (TypeError, ValueError) as err:
+                raise InputError(f"{where}: field 'audio' must be a path or a 1-D float waveform at "
+                                 f"{sampling_rate} Hz, got {type(audio).__name__} ({err})") from None
+            if wave.ndim != 1 or wave.size == 0 or not np.isfinite(wave).all():
+                raise InputError(f"{where}: field 'audio': expected a non-empty finite 1-D waveform at "
+                                 f"{sampling_rate} Hz, got shape {wave.shape}")
+            item["waveform"], item["num_valid"] = wave, len(wave)
+    return item
+
+
 class SAFE:
     """A loaded SAFE model: ``answer(...)`` and ``answer_batch(...)``.
 
@@ -81,55 +141,23 @@ class SAFE:
         return self.processor.sampling_rate
 
     def prepare(self, question: str, image=None, audio=None, *, where: str = "input") -> dict:
-        """Load one request into a collate item; :class:`InputError` names ``where`` and the field.
-
-        Args:
-            question: the question (``""`` asks for an audio caption).
-            image: an image path, a frame folder, a PIL image, or None.
-            audio: an audio path, a 1-D float waveform at :attr:`sampling_rate`, or None.
-        """
-        from PIL import Image
-
-        from safe_av.data.audio import load_audio
-        from safe_av.data.vision import load_image
-
-        if not isinstance(question, str):
-            raise InputError(f"{where}: field 'question' must be a string, got {type(question).__name__}")
-        item = {"question": question, "answer": None, "image": None, "meta": {}}
-        if image is not None:
-            if isinstance(image, Image.Image):
-                item["image"] = image.convert("RGB")
-            elif isinstance(image, (str, Path)):
-                try:
-                    item["image"] = load_image(image)
-                except DataError as err:
-                    raise _media_error(where, "image", image, err) from err
-            else:
-                raise InputError(f"{where}: field 'image' must be a path or a PIL image, got {type(image).__name__}")
-        if audio is not None:
-            if isinstance(audio, (str, Path)):
-                try:
-                    clip = load_audio(audio, target_sr=self.sampling_rate, max_seconds=self.cfg.data.max_audio_seconds)
-                except DataError as err:
-                    raise _media_error(where, "audio", audio, err) from err
-                item["waveform"], item["num_valid"] = clip.waveform, clip.num_valid
-            else:
-                if isinstance(audio, (bytes, bytearray, memoryview)):
-                    raise InputError(f"{where}: field 'audio' must be a path or a 1-D float waveform at "
-                                     f"{self.sampling_rate} Hz, got {type(audio).__name__} (decode the file first, "
-                                     "or pass its path)")
-                try:
-                    if torch.is_tensor(audio):
-                        audio = audio.detach().cpu().float().numpy()
-                    wave = np.asarray(audio, dtype=np.float32)
-                except (TypeError, ValueError) as err:
-                    raise InputError(f"{where}: field 'audio' must be a path or a 1-D float waveform at "
-                                     f"{self.sampling_rate} Hz, got {type(audio).__name__} ({err})") from None
-                if wave.ndim != 1 or wave.size == 0 or not np.isfinite(wave).all():
-                    raise InputError(f"{where}: field 'audio': expected a non-empty finite 1-D waveform at "
-                                     f"{self.sampling_rate} Hz, got shape {wave.shape}")
-                item["waveform"], item["num_valid"] = wave, len(wave)
+        """Load one request into a collate item (:func:`prepare_item` at this model's rate and clip length), its
+        prompt checked to leave room for :attr:`max_new_tokens` in the language model's positions."""
+        item = prepare_item(question, image, audio, sampling_rate=self.sampling_rate,
+                            max_seconds=self.cfg.data.max_audio_seconds, where=where)
+        self._check_length(item, self.max_new_tokens, where)
         return item
+
+    def _check_length(self, item: dict, max_new_tokens: int, where: str) -> None:
+        limit = self.model.base.max_positions
+        if limit is None:
+            return
+        n = len(self.processor.encode(item["question"], None, has_image=item.get("image") is not None,
+                                      has_audio=item.get("waveform") is not None).input_ids)
+        if n + max_new_tokens > limit:
+            raise InputError(f"{where}: field 'question': the prompt takes {n} positions (media placeholders "
+                             f"included) and max_new_tokens={max_new_tokens} more, beyond the language model's "
+                             f"{limit}: shorten the question or lower max_new_tokens")
 
     @torch.no_grad()
     def generate_items(self, items: list[dict], *, max_new_tokens: int | None = None) -> list[str]:
@@ -137,6 +165,8 @@ class SAFE:
         if not items:
             return []
         max_new_tokens = _count("max_new_tokens", max_new_tokens, self.max_new_tokens)
+        for i, item in enumerate(items):
+            self._check_length(item, max_new_tokens, f"item {i}")
         batch = move_batch(self.processor.collate(items), self.model.device)
         return self.model.generate_from_batch(batch, max_new_tokens=max_new_tokens)
 

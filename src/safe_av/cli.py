@@ -50,8 +50,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from safe_av.eval.run import evaluate_checkpoint
+    from safe_av.eval.run import evaluate_checkpoint, output_problem
 
+    problem = output_problem(args.output)
+    if problem:
+        print(f"safe eval: error: {problem}", file=sys.stderr)
+        return 2
     cfg = _config(args)
     result = evaluate_checkpoint(cfg, args.checkpoint, split=args.split, output=args.output)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
@@ -216,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"safe {args.cmd}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. a full disk while writing the results: no traceback, not a usage error
+        print(f"safe {args.cmd}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -507,3 +507,57 @@ def test_safe_eval_of_a_split_without_answers_skips_the_set_and_counts_its_quest
     assert "has %d questions but no answers" % n in result["missing_datasets"]["vqav2"]
     assert result["skipped_annotations"]["vqav2"] == {"no answers": n}
     assert "safe_vqa_accuracy" not in result and result["avqa_accuracy"] is not None
+
+
+def test_user_text_never_becomes_a_placeholder_and_a_long_question_keeps_its_answer_cue(loaded, media):
+    """A question naming "<audio>" or "<image>" is text (it gave one placeholder more than there were embeddings);
+    a question longer than data.max_text_length is cut, not the template's "Answer:" cue after it."""
+    image, audio = media
+    proc = loaded.processor
+    enc = proc.encode("what is <audio> and <image> here?", None, has_image=True, has_audio=True)
+    assert enc.input_ids.count(proc.audio_token_id) == proc.num_audio_tokens
+    assert enc.input_ids.count(proc.image_token_id) == proc.num_image_tokens
+    assert isinstance(loaded.answer("what is <audio> here?", image=image, audio=audio), str)
+    cue = proc._ids(" Answer:") if proc.family != "llava" else proc._ids(" ASSISTANT:")
+    short = type(proc)(**{**proc.__dict__, "max_length": 12, "stats": {"truncated": 0}})
+    cut = short.encode("why " * 40, None, has_image=False, has_audio=False)
+    assert short.stats["truncated"] == 1 and cut.input_ids[-len(cue):] == cue and len(cut.input_ids) <= 12 + 1
+
+
+def test_inputs_the_api_refuses_with_the_field_named(loaded, media, tmp_path):
+    """An empty path (it read the working directory as a frame folder), a prompt that leaves no room for the answer
+    in the language model's positions, and SAFEModel.generate's raw inputs checked like the API's."""
+    import numpy as np
+    from PIL import Image
+
+    image, audio = media
+    with pytest.raises(InputError, match=r"input: field 'image' is an empty path"):
+        loaded.answer("Which?", image="")
+    with pytest.raises(InputError, match=r"input: field 'audio' is an empty path"):
+        loaded.answer("Which?", audio="")
+    limit = loaded.model.base.max_positions
+    with pytest.raises(InputError, match=rf"field 'question': the prompt takes \d+ positions .*beyond the language "
+                                         rf"model's {limit}"):
+        loaded.answer("Which?", image=image, max_new_tokens=limit)
+    with pytest.raises(InputError, match=r"item 1: field 'audio': expected a non-empty finite 1-D waveform"):
+        loaded.model.generate([None, None], [None, np.zeros((16000, 2), np.float32)], ["a", "b"],
+                              processor=loaded.processor)
+    with pytest.raises(ValueError, match="2 images, 1 audio and 2 prompts"):
+        loaded.model.generate([None, None], [None], ["a", "b"], processor=loaded.processor)
+    # a 16-bit image given as a PIL image is rescaled as the same file is (PIL's convert clipped it to white)
+    wide = tmp_path / "wide.png"
+    Image.fromarray((np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)).save(wide)
+    from safe_av.api import prepare_item
+    as_pil = prepare_item("?", Image.open(wide), sampling_rate=loaded.sampling_rate)["image"]
+    as_file = prepare_item("?", wide, sampling_rate=loaded.sampling_rate)["image"]
+    assert np.array_equal(np.asarray(as_pil), np.asarray(as_file)) and 100 < np.asarray(as_pil).mean() < 160
+
+
+def test_eval_and_infer_refuse_an_output_that_is_a_folder_before_any_work(run, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"question": "?"}\n')
+    assert cli(["infer", "--checkpoint", str(run), "--input", str(tmp_path / "in.jsonl"),
+                "--output", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert cli(["eval", "--config", str(run / "config.yaml"), "--checkpoint", str(run),
+                "--output", str(tmp_path)]) == 2
+    assert "--output" in capsys.readouterr().err and not list(tmp_path.glob("*.predictions.jsonl"))

@@ -16,13 +16,16 @@ Labels are -100 everywhere except the answer and its end token, so the loss is m
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from safe_av.models.audio_encoders import prepare_audio
+
+log = logging.getLogger(__name__)
+_WARNED_TRUNCATION: list[bool] = []  # an over-long question was logged in this process
 
 CAPTION_PROMPT = "Describe the sound."
 
@@ -82,7 +85,9 @@ class SAFEProcessor:
         return f"Question: {question} Answer:"
 
     def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # split_special_tokens: a user's "<audio>" or "<image>" (or "</s>") is text, never a placeholder or control
+        # token (a question naming "<audio>" gave one placeholder more than there were audio embeddings)
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def encode(self, question: str, answer: str | None, *, has_image: bool, has_audio: bool) -> Encoded:
         """Token ids and labels for one sample (``answer=None`` at inference)."""
@@ -104,9 +109,9 @@ class SAFEProcessor:
         if room < 1:
             raise ValueError(f"data.max_text_length={self.max_length}: too short for a {len(answer_ids)}-token answer")
         truncated = len(prompt) > room
-        if truncated:
+        if truncated:  # cut the question, keep the template's answer cue ("Answer:", "ASSISTANT:")
             self.stats["truncated"] += 1
-            prompt = prompt[:room]
+            prompt = self._cut_prompt(question, room)
         if late:
             prompt = prompt + audio
         ids = head + prompt + tail
@@ -114,6 +119,20 @@ class SAFEProcessor:
             return Encoded(ids, answer_ids, truncated)
         labels = [-100] * (len(head) + len(prompt)) + answer_ids
         return Encoded(ids, labels, truncated)
+
+    def _cut_prompt(self, question: str, room: int) -> list[int]:
+        """The prompt's ids within ``room``: the template around the question's first tokens (tokenized in pieces;
+        only an over-long question gets here). Logged once per process."""
+        marker = "\x00"
+        before, after = self.prompt(marker).split(marker)
+        head, tail = self._ids(before.rstrip()), self._ids(after)
+        keep = max(room - len(head) - len(tail), 0)
+        if not _WARNED_TRUNCATION:
+            _WARNED_TRUNCATION.append(True)
+            log.warning("a question longer than data.max_text_length=%d tokens is cut to its first %d tokens (the "
+                        "prompt's answer cue is kept; every cut is counted: processor.stats['truncated'])",
+                        self.max_length, keep)
+        return (head + self._ids(" " + question.strip())[:keep] + tail)[:room]
 
     # ------------------------------------------------------------------ batch
 
@@ -170,23 +189,6 @@ class SAFEProcessor:
         batch["skipped"] = skipped
         batch["audio_truncated"] = audio_truncated
         return batch
-
-    def batch_from_raw(self, images: list, audio: list, prompts: list[str]) -> dict:
-        """A batch from raw inputs: PIL images / image paths / None, waveforms / audio paths / None."""
-        from safe_av.data.audio import load_audio
-        from safe_av.data.vision import load_image
-
-        items = []
-        for img, aud, q in zip(images, audio, prompts, strict=True):
-            item = {"question": q, "answer": None, "meta": {}}
-            item["image"] = load_image(img) if isinstance(img, (str, Path)) else img
-            if isinstance(aud, (str, Path)):
-                clip = load_audio(aud, target_sr=self.sampling_rate)
-                item["waveform"], item["num_valid"] = clip.waveform, clip.num_valid
-            elif aud is not None:
-                item["waveform"], item["num_valid"] = np.asarray(aud, dtype=np.float32), len(aud)
-            items.append(item)
-        return self.collate(items)
 
 
 def _has_audio(item: dict) -> bool:

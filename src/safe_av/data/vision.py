@@ -102,6 +102,18 @@ WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 """PIL modes with more than 8 bits per pixel, which `load_image` rescales itself."""
 
 
+def pil_to_rgb(img: Image.Image, file: str | Path = "<PIL image>") -> Image.Image:
+    """8-bit RGB from an image already open: 16-bit, 32-bit integer and float images rescaled as :func:`load_image`
+    rescales files (PIL's own ``convert("RGB")`` clips them: a 16-bit image comes out almost all white).
+
+    Raises:
+        ImageError: a float image with NaN/inf pixels.
+    """
+    if img.mode not in WIDE_MODES:
+        return img.convert("RGB")
+    return Image.fromarray(to_uint8(np.asarray(img), img.mode, file)).convert("RGB")
+
+
 def to_uint8(pixels: np.ndarray, mode: str, file: str | Path = "<image>") -> np.ndarray:
     """Rescale a 16-bit, 32-bit integer or float single-band image to uint8 (rule in the module docstring).
 

@@ -22,6 +22,7 @@ import copy
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -771,6 +772,20 @@ def _jsonl_requests(path: Path) -> list[tuple[int, dict | None, str | None]]:
     return out
 
 
+def output_problem(path: str | Path, flag: str = "--output") -> str | None:
+    """Why ``path`` cannot be written as a file (checked before any work: `safe eval` and `safe infer` used to
+    find out only after generating every answer), or None."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{flag} {path}: is a directory; give a file name"
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        return f"{flag} {path}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK):
+        return f"{flag} {path}: {parent} is not writable"
+    return None
+
+
 def _resolve_input(obj: dict, base: Path) -> dict:
     """``obj`` with relative image/audio paths read from the working directory, else from ``base`` (the JSONL's
     folder). The request itself is left as written: the output echoes it."""
@@ -801,6 +816,9 @@ def infer_main(args) -> int:
         return 2
     if args.input and not Path(args.input).is_file():
         print(f"safe infer: error: --input {args.input}: file not found", file=sys.stderr)
+        return 2
+    if args.output and (problem := output_problem(args.output)):
+        print(f"safe infer: error: {problem}", file=sys.stderr)
         return 2
     max_new = getattr(args, "max_new_tokens", None)
     if max_new is not None and max_new < 1:

@@ -117,6 +117,15 @@ class BaseVL(nn.Module):
         ``is_activation_checkpointing``, over the modules that can have it)."""
         return any(m.gradient_checkpointing for m in self._checkpointable)
 
+    @property
+    def max_positions(self) -> int | None:
+        """How many positions the decoder-only language model has (its ``max_position_embeddings``); None for
+        encoder-decoder models (relative positions) or when the config does not say."""
+        if self.is_encoder_decoder:
+            return None
+        value = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        return int(value) if value else None
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, L, D) with the language model's own embedding table."""
         return self.model.get_input_embeddings()(input_ids)

@@ -439,19 +439,31 @@ class SAFEModel(nn.Module):
         """Greedy answers for a collated batch (built without answers)."""
         batch = {k: v for k, v in batch.items() if k != "labels"}
         inputs = self.build_inputs(**batch, use_audio=use_audio, audio_permutation=audio_permutation)
+        limit, length = self.base.max_positions, inputs["embeds"].shape[1]
+        if limit is not None and length + max_new_tokens > limit:  # past it OPT indexes out of its table
+            raise ValueError(f"the batch's prompts take {length} positions and max_new_tokens={max_new_tokens} more, "
+                             f"beyond the language model's {limit}: shorten the questions (data.max_text_length) "
+                             "or lower max_new_tokens")
         new = self.base.generate(inputs["embeds"], inputs["attention_mask"], max_new_tokens=max_new_tokens)
         return [s.strip() for s in self.base.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     @torch.no_grad()
     def generate(self, images: list, audio: list, prompts: list[str], *, processor=None,
-                 max_new_tokens: int = 8) -> list[str]:
-        """Answer ``prompts`` about images (PIL or None) and audio (waveform arrays at the encoder's rate,
-        file paths, or None)."""
-        from safe_av.data.text import SAFEProcessor
+                 max_new_tokens: int = 8, max_seconds: float = 10.0) -> list[str]:
+        """Answer ``prompts`` about images (paths, PIL images or None) and audio (file paths, 1-D waveforms at the
+        encoder's rate, or None), one per prompt: the inputs are checked as ``safe_av.api.SAFE.answer`` checks them
+        (``InputError`` naming the item and field); audio files are read as training reads them (their first
+        ``max_seconds``)."""
+        from safe_av.api import prepare_item
+        from safe_av.data.text import SAFEProcessor, move_batch
 
+        if not len(images) == len(audio) == len(prompts):
+            raise ValueError(f"generate: {len(images)} images, {len(audio)} audio and {len(prompts)} prompts; give "
+                             "one of each per item (None where an item has none)")
         processor = processor or SAFEProcessor.from_model(self)
-        batch = processor.batch_from_raw(images, audio, prompts)
-        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        items = [prepare_item(q, img, aud, sampling_rate=processor.sampling_rate, max_seconds=max_seconds,
+                              where=f"item {i}") for i, (img, aud, q) in enumerate(zip(images, audio, prompts))]
+        batch = move_batch(processor.collate(items), self.device)
         return self.generate_from_batch(batch, max_new_tokens=max_new_tokens)
 
     @property
