@@ -2,7 +2,7 @@
 
 For ``blip2_opt_clap`` and ``llava_whisper`` (configs/<name>.yaml): the base VL model and the audio encoder
 are built from the architecture files shipped in ``safe_av.presets`` (``load_arch`` -> ``from_config``, random
-weights, bf16 on the GPU; BLIP-2's Q-Former and query tokens kept in fp32 as ``from_pretrained`` does), with
+weights, bf16 on the GPU: BLIP-2's Q-Former and query tokens too, as ``from_pretrained(dtype=bf16)`` leaves them), with
 a tiny word-level tokenizer (``build_tiny_tokenizer``) wrapped in the model's own processor class and
 default-constructed image processors / feature extractors: nothing is downloaded. Training runs through the
 real ``Trainer`` (a subclass overriding only ``_build_model``) on the synthetic corpus: one phase training
@@ -56,8 +56,12 @@ def _config(name: str, tmp: Path, args):
     return load_config(C.ROOT / "configs" / f"{name}.yaml", ov)
 
 
-def _keep_fp32(model) -> None:
-    """What ``from_pretrained(dtype=bf16)`` does for BLIP-2 (``_keep_in_fp32_modules``)."""
+def _keep_fp32(model, dtype: torch.dtype) -> None:
+    """What ``from_pretrained(dtype=...)`` does with a model's ``_keep_in_fp32_modules`` (BLIP-2's Q-Former and query
+    tokens): transformers 5.x keeps them in fp32 under float16 only (``PreTrainedModel._get_dtype_plan``); under
+    bf16 they are bf16 like the rest. (The session-1 H100 run kept them in fp32 under bf16 too.)"""
+    if dtype != torch.float16:
+        return
     for attr in getattr(model, "_keep_in_fp32_modules", None) or []:
         mod = getattr(model, attr, None)
         if isinstance(mod, torch.nn.Module):
@@ -89,7 +93,7 @@ def _real_base(cfg, texts, device):
         torch.set_default_dtype(old)
     model = model.to(dtype=torch.bfloat16)  # sub-configs carry their checkpoint's dtype (OPT: float16)
     if config.model_type == "blip-2":
-        _keep_fp32(model)
+        _keep_fp32(model, torch.bfloat16)
         proc = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": s, "width": s}), tokenizer=tok,
                               num_query_tokens=config.num_query_tokens)
     else:
@@ -144,7 +148,7 @@ def make_trainer_class():
             if self.tiny:
                 model, proc = build_tiny_base(cfg.model.base, texts, seed=cfg.model.tiny_seed)
                 model = model.to(device=device, dtype=torch.bfloat16)
-                _keep_fp32(model)
+                _keep_fp32(model, torch.bfloat16)
                 amodel, fe = build_tiny_audio(cfg.model.audio_encoder, seed=cfg.model.tiny_seed + 1)
                 amodel = amodel.to(device=device, dtype=torch.bfloat16)
             else:

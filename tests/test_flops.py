@@ -192,3 +192,104 @@ def test_fusion_row_counts_the_visual_and_prompt_context_with_weight_gradients_o
     cfg.model.fusion.attend_text = False  # visual tokens only
     vis_only = training_flops_per_step(cfg, phase=idx, parts=parts).row("SAFE fusion")
     assert vis_only.flops == 6 * n_q * k * b + 4 * (2 * d * d) * v * b + 3 * 4 * k * v * d * b
+
+
+@pytest.mark.parametrize("base,module", [("tiny-llava", "multi_modal_projector"),
+                                         ("tiny-blip2-opt", "language_projection")])
+def test_unfrozen_base_projector_behind_a_frozen_vision_path_has_no_input_gradient(base, module):
+    """Its input (the frozen vision path's output) needs no gradient: the first layer costs forward + weight
+    gradient (4N), later ones 6N - counted by FlopCounterMode on the real module."""
+    from safe_av.info import build_parts
+
+    cfg = _tiny_cfg(base=base)
+    cfg.train.phases[-1].train = ["projector", "fusion", "base"]
+    cfg.train.phases[-1].unfreeze = [module]
+    parts = build_parts(cfg)
+    rep = training_flops_per_step(cfg, parts=parts)
+    row = rep.row("base projector")
+    proj = parts.unfreezable[module]
+    proj.requires_grad_(True)
+    first = next(m for m in proj.modules() if isinstance(m, nn.Linear))
+    x = torch.randn(rep.batch_size, parts.num_visual_tokens, first.in_features)  # frozen features: no grad
+    out = {}
+    measured = _count(lambda: out.setdefault("y", proj(x))) + _count(lambda: out["y"].sum().backward())
+    assert row.flops == measured
+    lins = [m.weight.numel() for m in proj.modules() if isinstance(m, nn.Linear)]
+    tokens = parts.num_visual_tokens * rep.batch_size
+    assert row.flops == (4 * lins[0] + 6 * sum(lins[1:])) * tokens
+
+
+def test_lora_costs_nothing_before_the_first_phase_that_trains_it():
+    """Frozen with lora_B zero, the adapters are switched off (SAFEModel.sync_lora_active): no FLOPs before the
+    first phase that trains them; 6N while they train, 4N (passing gradients) in a later frozen phase, 2N on
+    the frozen prefix's positions."""
+    from safe_av.info import build_parts
+
+    cfg = _tiny_cfg(base="tiny-blip2-opt")
+    cfg.model.lora.enabled = True
+    cfg.loss.distillation = cfg.loss.retention = False
+    phases = cfg.train.phases
+    phases[1].train = ["projector", "fusion", "lora"]
+    phases[1].lr["lora"] = 1e-4
+    parts = build_parts(cfg)
+    plain = build_parts(_tiny_cfg(base="tiny-blip2-opt"))
+    n, v = parts.lora_params, parts.num_visual_tokens
+    seq = v + cfg.model.num_audio_tokens + 32
+    b = [p.batch_size for p in phases]
+
+    def lora_flops(i):
+        on = training_flops_per_step(cfg, phase=i, parts=parts).row("language model").flops
+        cfg.model.lora.enabled = False
+        off = training_flops_per_step(cfg, phase=i, parts=plain).row("language model").flops
+        cfg.model.lora.enabled = True
+        return on - off
+
+    assert n > 0 and lora_flops(0) == 0
+    # phase 2 keeps the frozen prefix (LoRA frozen): the image positions run LoRA forward only
+    assert lora_flops(2) == 4 * n * (seq - v) * b[2] + 2 * n * v * b[2]
+    cfg.model.frozen_prefix = False
+    assert [lora_flops(i) for i in range(3)] == [0, 6 * n * seq * b[1], 4 * n * seq * b[2]]
+
+
+def test_teacher_forward_is_its_own_row():
+    """Distillation / retention run a no-grad forward (2N) of the original LM over the distilled rows (the
+    phase's expected share of the batch), at the student's row width, LoRA off; the vision path runs again when a
+    module before the LM holds an anchor. Other rows keep their meaning."""
+    from safe_av.config import load_config
+    from safe_av.info import build_parts, phase_trainability
+
+    cfg = load_config("configs/demo.yaml", ["train.pretrain.enabled=false"])
+    parts = build_parts(cfg)
+    lm = parts.lm
+    seq = parts.num_visual_tokens + cfg.model.num_audio_tokens + 32
+    n_lm = sum(m.weight.numel() for m in parts.lm_module.modules() if isinstance(m, nn.Linear))
+    head = lm.vocab * lm.hidden
+    for i, ph in enumerate(cfg.train.phases):
+        rep = training_flops_per_step(cfg, phase=i, parts=parts)
+        share = phase_trainability(cfg, ph).teacher_share
+        if share == 0:
+            assert "teacher forward" not in [r.name for r in rep.rows]
+            continue
+        rows = share * ph.batch_size
+        t = rep.row("teacher forward")
+        assert t.mode == "frozen"
+        lm_fwd = (2 * (n_lm - head) * seq + 2 * head * 9 + 4 * seq * seq * lm.q_dim * lm.layers) * rows
+        # demo: phase 3 unfreezes the language projection, and the Fisher pass anchors it from the start:
+        # the teacher re-runs the vision path (vision encoder, Q-Former, projector) in every phase
+        vis = sum(r.flops for r in training_flops_per_step(cfg, phase=0, parts=parts).rows
+                  if r.name in ("vision encoder", "Q-Former", "base projector")) / cfg.train.phases[0].batch_size
+        assert t.flops == pytest.approx(lm_fwd + vis * rows)
+        cfg.loss.fisher = False
+        no_fisher = training_flops_per_step(cfg, phase=i, parts=parts).row("teacher forward").flops
+        cfg.loss.fisher = True
+        # without the Fisher pass the projector is anchored from phase 3 only
+        assert no_fisher == pytest.approx(lm_fwd + (vis * rows if i == 2 else 0))
+        cfg.loss.distillation = cfg.loss.retention = False
+        off = training_flops_per_step(cfg, phase=i, parts=parts)
+        cfg.loss.distillation = cfg.loss.retention = True
+        assert [r.name for r in off.rows] == [r.name for r in rep.rows][:-1]
+        assert rep.total - off.total == pytest.approx(t.flops)
+    # an explicit share overrides the expected one
+    fixed = training_flops_per_step(cfg, phase=2, parts=parts, teacher_share=0.5).row("teacher forward")
+    assert fixed.flops == pytest.approx(training_flops_per_step(cfg, phase=2, parts=parts, teacher_share=0.25)
+                                        .row("teacher forward").flops * 2)

@@ -239,8 +239,13 @@ def test_predicted_peak_matches_h100_measurement(base, dtype, gc, batch, measure
     cfg.loss.distillation = cfg.loss.retention = False
     # measured before the frozen-prefix split and the label-window logits existed (session 1)
     cfg.model.frozen_prefix = cfg.model.label_logits_only = False
-    peak = model_summary(cfg, parts=parts_for(base)[1]).memory.peak / 2**30
-    assert peak == pytest.approx(measured, rel=0.05)
+    s = model_summary(cfg, parts=parts_for(base)[1])
+    peak = s.memory.peak
+    if base.startswith("blip2") and dtype == "bfloat16":
+        # the measurement (bench/gpu_check.py's _keep_fp32) forced the Q-Former and query tokens to fp32, which
+        # from_pretrained(dtype=bfloat16) does not do (only for float16): add the 2 extra bytes per parameter
+        peak += 2 * s.row("Q-Former").params
+    assert peak / 2**30 == pytest.approx(measured, rel=0.05)
 
 
 def test_frozen_prefix_keeps_only_the_image_tokens_keys_and_values():
@@ -379,3 +384,142 @@ def test_dataset_rows_match_the_synthetic_corpus(tmp_path):
     rng = np.random.default_rng(1)
     kinds = [q[0] for _ in range(3000) for q in scene_questions(make_scene(rng), rng)]
     assert np.mean([k == "Visual" for k in kinds]) == pytest.approx(AVQA_IMAGE_QUESTION_SHARE, abs=0.01)
+
+
+def _dtype_cfg(base, dtype, load_in="none"):
+    cfg, parts = parts_for(base)
+    cfg = copy.deepcopy(cfg)
+    cfg.model.dtype, cfg.model.load_in = dtype, load_in
+    return cfg, parts
+
+
+def test_keep_in_fp32_modules_are_fp32_in_float16_only_and_never_quantized():
+    """transformers keeps ``_keep_in_fp32_modules`` (BLIP-2: Q-Former + query tokens; FlanT5: the FFN ``wo``) in
+    fp32 only when the model's dtype is float16 (``_get_dtype_plan``), and adds them to bitsandbytes' skip list
+    for any dtype (``get_modules_to_not_convert``)."""
+    from torch import nn
+
+    _, parts = parts_for("blip2-flan-t5-xl")
+    qf = parts.components["Q-Former"]
+    n_qf = sum(p.numel() for p in qf.parameters())
+    lm = parts.components["language model"]
+    wo = [m.weight for n, m in lm.named_modules() if isinstance(m, nn.Linear) and n.endswith(".wo")]
+    n_wo = sum(w.numel() for w in wo)
+    n_lm = sum(p.numel() for p in lm.parameters())
+
+    def rows(dtype, load_in="none"):
+        cfg, _ = _dtype_cfg("blip2-flan-t5-xl", dtype, load_in)
+        s = model_summary(cfg, parts=parts)
+        return s.row("Q-Former").weight_bytes, s.row("language model").weight_bytes
+
+    assert rows("bfloat16") == (2 * n_qf, 2 * n_lm)
+    assert rows("float16") == (4 * n_qf, 2 * n_lm + 2 * n_wo)
+    assert rows("float32") == (4 * n_qf, 4 * n_lm)
+    # 4-bit: the Q-Former and every wo stay unquantized, at the model's dtype (fp32 under float16)
+    q_bf16, lm_bf16 = rows("bfloat16", "4bit")
+    assert q_bf16 == 2 * n_qf
+    quantized = [m.weight for n, m in lm.named_modules()
+                 if isinstance(m, nn.Linear) and n.split(".")[-1] not in ("lm_head", "wo")]
+    n_q = sum(w.numel() for w in quantized)
+    expected = 2 * (n_lm - n_q) + sum(w.numel() * 0.5 + 4 * -(-w.numel() // 64) for w in quantized)
+    assert lm_bf16 == pytest.approx(expected)
+    assert rows("float16", "8bit")[0] == 4 * n_qf
+    assert wo and all(id(p) in parts.keep_fp32 for p in [*qf.parameters(), *wo])
+
+
+def test_trainable_base_parameters_keep_their_dtype_with_anchor_and_fisher():
+    """An unfrozen base module in a bf16 model: 2-byte gradients and two 2-byte AdamW states (zeros_like(param)),
+    no fp32 master copy; plus its anchor copy θ* (bf16) and, with ``loss.fisher``, its fp32 Fisher diagonal.
+    LoRA follows the base's dtype the same way."""
+    cfg, _ = _dtype_cfg("llava-1.5-7b", "bfloat16")
+    cfg.train.mixed_precision = "bf16"
+    cfg.model.lora.enabled = True  # LoRA changes the parts: built below
+    last = cfg.train.phases[-1]
+    last.train = ["projector", "fusion", "base", "lora"]
+    last.unfreeze = ["multi_modal_projector"]
+    lparts = build_parts(cfg)
+    n_mm = sum(p.numel() for p in lparts.unfreezable["multi_modal_projector"].parameters())
+    s = model_summary(cfg, parts=lparts)
+    m = s.memory
+    n_safe = s.row("SAFE projector").params + s.row("SAFE fusion").params
+    n_lora = s.row("LoRA").params
+    assert m.master == 0
+    assert m.gradients == 4 * n_safe + 2 * n_mm + 2 * n_lora
+    assert m.optimizer == 8 * n_safe + 4 * n_mm + 4 * n_lora
+    assert s.row("LoRA").weight_bytes == 2 * n_lora
+    cfg.loss.fisher = False
+    no_fisher = model_summary(cfg, parts=lparts, phase=len(cfg.train.phases) - 1).memory
+    assert m.weights - no_fisher.weights == 4 * n_mm  # the fp32 Fisher diagonal
+    # the anchor: held from the phase that unfreezes the module on; from the start when the Fisher is computed
+    first = model_summary(cfg, parts=lparts, phase=0).memory
+    assert no_fisher.weights - first.weights == 2 * n_mm
+    cfg.loss.fisher = True
+    assert model_summary(cfg, parts=lparts, phase=0).memory.weights - first.weights == (2 + 4) * n_mm
+
+
+@pytest.mark.parametrize("base", ["tiny-blip2-opt", "tiny-llava"])
+def test_eager_attention_scores_match_autograd(base):
+    """Eager attention in bf16 (OPT, Llama): softmax(dtype=float32) saves its fp32 output and P @ V its bf16
+    copy, 6 bytes per score; measured with saved-tensor hooks against the formula (within 10%)."""
+    from safe_av.models.base_vl import BaseVL
+    from safe_av.models.presets import build_tiny_base
+
+    model, proc = build_tiny_base(base)
+    model = model.to(torch.bfloat16)
+    model.set_attn_implementation("eager")
+    bvl = BaseVL(model, proc)
+    parts = build_parts(_tiny_cfg(base))
+    b, s = 4, 96
+    emb = torch.randn(b, s, bvl.hidden_size, requires_grad=True, dtype=torch.bfloat16)
+    mask = torch.ones(b, s, dtype=torch.long)
+
+    def step():
+        logits = bvl.language_model(emb * 1.0, mask).logits.float()
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                          torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long))
+
+    measured = _saved_bytes(step, list(model.parameters()))
+    stored, _ = lm_activation_bytes(parts.lm, b, s, dtype_bytes=2, eager=True)
+    stored += parts.lm.vocab * s * 4 * b  # log-softmax output saved by cross-entropy
+    assert stored == pytest.approx(measured, rel=0.10)
+    assert parts.lm.softmax_fp32
+
+
+def test_quantized_linears_save_their_inputs():
+    """bitsandbytes' matmuls save their input when an input needs a gradient: every quantized LM linear (not
+    lm_head, not the fp32-kept wo) keeps its input, at e bytes (8-bit) or fp32 (4-bit: Linear4bit casts to
+    bnb_4bit_compute_dtype, float32 as load_base leaves it); one layer's under checkpointing."""
+    from torch import nn
+
+    from safe_av.info import quantized_input_elems
+
+    for base in ("llava-1.5-7b", "blip2-flan-t5-xl"):
+        cfg, parts = _dtype_cfg(base, "bfloat16")
+        cfg.train.mixed_precision = "bf16"
+        cfg.loss.distillation = cfg.loss.retention = False
+        lev = {m.lever: m for m in model_summary(cfg, parts=parts).levers}
+        b = cfg.train.phases[-1].batch_size
+        lm = parts.lm
+        seq = parts.num_visual_tokens + cfg.model.num_audio_tokens + 32
+        prefix = parts.num_visual_tokens if lm.kind == "decoder" else 0  # frozen prefix: no autograd there
+        elems = quantized_input_elems(parts, seq - prefix, 8)
+        if lm.kind == "decoder":
+            per_tok = sum(m.in_features for n, m in parts.lm_module.named_modules()
+                          if isinstance(m, nn.Linear) and not n.endswith("lm_head"))
+            assert elems == per_tok * (seq - prefix)
+        else:  # the decoder on the 8 answer tokens, its cross-attention k/v on the encoder's, no wo
+            assert 0 < elems < sum(m.in_features for m in parts.lm_module.modules() if isinstance(m, nn.Linear)) * seq
+        bf16 = lev["bf16"]
+        cfg.model.load_in = "8bit"
+        q8 = model_summary(cfg, parts=parts).memory
+        cfg.model.load_in = "4bit"
+        q4 = model_summary(cfg, parts=parts).memory
+        assert q8.activations - bf16.activations == pytest.approx(elems * 2 * b)
+        assert q4.activations - bf16.activations == pytest.approx(elems * 4 * b)
+        cfg.model.gradient_checkpointing = True
+        gc4 = model_summary(cfg, parts=parts).memory
+        cfg.model.load_in = "none"
+        gc = model_summary(cfg, parts=parts).memory
+        full = quantized_input_elems(parts, seq, 8)  # checkpointing turns the frozen prefix off
+        assert gc4.activations == gc.activations
+        assert gc4.transient - gc.transient == pytest.approx(full * 4 * b / (lm.layers + lm.decoder_layers))

@@ -10,9 +10,13 @@ frozen, no gradient         2N         forward only (vision encoder, frozen audi
 frozen, passes gradients    4N         forward 2N + gradient w.r.t. its input 2N (no weight gradient):
                                        the frozen LM between the audio tokens and the loss
 trainable                   6N         forward 2N + input gradient 2N + weight gradient 2N
-trainable, input needs none 4N         forward 2N + weight gradient 2N (``weight_grad``: the projector's
-                                       first layer, fed frozen audio features)
+trainable, input needs none 4N         forward 2N + weight gradient 2N (``weight_grad``: the first layer
+                                       of SAFE's projector, fed frozen audio features, and of an unfrozen
+                                       base projector behind a frozen vision path)
 ==========================  =========  ===============================================================
+
+The distillation / retention teacher's no-grad forward is its own row (``teacher forward``, 2N over the
+distilled rows); LoRA adapters cost nothing before the first phase that trains them (they are switched off).
 
 Attention adds, per layer and sequence, ``2·2·s_q·s_k·d`` forward (QK^T and AV, full matrices counted,
 as PaLM/Chinchilla do); its backward is 2x the forward whenever gradients pass through it (it has no
@@ -184,15 +188,18 @@ def _audio_flops(parts, clips: int) -> tuple[int, float]:
     return n, f
 
 
-def _lm_flops(parts, cfg: SAFEConfig, batch: int, seq: int, answer_tokens: int, lora_trains: bool,
-              recompute: bool, prefix: int = 0) -> tuple[int, float]:
-    """``prefix`` (decoder-only): leading positions run without autograd (forward only)."""
+def _lm_flops(parts, cfg: SAFEConfig, batch: float, seq: int, answer_tokens: int, lora_trains: bool,
+              recompute: bool, prefix: int = 0, *, lora_active: bool = True,
+              mode: str = "input_grad") -> tuple[int, float]:
+    """``prefix`` (decoder-only): leading positions run without autograd (forward only). ``lora_active``: the
+    LoRA adapters run (not before the first phase that trains them, nor in the teacher). ``mode``: input_grad
+    (the student, passing gradients back to the audio tokens) or frozen (the teacher's no-grad forward)."""
     from safe_av.info import logit_positions
 
     lm = parts.lm
     mod = parts.lm_module
     n_total, f = 0, 0.0
-    lora_targets = list(cfg.model.lora.target_modules) if cfg.model.lora.enabled else []
+    lora_targets = list(cfg.model.lora.target_modules) if (cfg.model.lora.enabled and lora_active) else []
     for name, w in _linears(mod):
         is_head = name.split(".")[-1] == "lm_head"
         toks = seq
@@ -205,24 +212,26 @@ def _lm_flops(parts, cfg: SAFEConfig, batch: int, seq: int, answer_tokens: int, 
         elif lm.kind == "decoder" and prefix:
             f += matmul_flops(w, prefix * batch, "frozen")
             toks = seq - prefix
-        f += matmul_flops(w, toks * batch, "input_grad", recompute=recompute and not is_head)
+        f += matmul_flops(w, toks * batch, mode, recompute=recompute and not is_head)
         n_total += w
         if lora_targets and any(name == t or name.endswith("." + t) for t in lora_targets):
             in_f, out_f = _shape(mod, name)
             r = cfg.model.lora.r
-            f += matmul_flops(r * (in_f + out_f), toks * batch, "trainable" if lora_trains else "input_grad",
+            f += matmul_flops(r * (in_f + out_f), toks * batch, "trainable" if lora_trains else mode,
                               recompute=recompute)
+            if lm.kind == "decoder" and prefix:  # the frozen prefix runs the adapters forward only
+                f += matmul_flops(r * (in_f + out_f), prefix * batch, "frozen")
     if lm.kind == "decoder":
         f += attention_flops(prefix, prefix, lm.q_dim, layers=lm.layers, sequences=batch, mode="frozen")
-        f += attention_flops(seq - prefix, seq, lm.q_dim, layers=lm.layers, sequences=batch, mode="input_grad",
+        f += attention_flops(seq - prefix, seq, lm.q_dim, layers=lm.layers, sequences=batch, mode=mode,
                              recompute=recompute)
     else:
-        f += attention_flops(seq, seq, lm.q_dim, layers=lm.layers, sequences=batch, mode="input_grad",
+        f += attention_flops(seq, seq, lm.q_dim, layers=lm.layers, sequences=batch, mode=mode,
                              recompute=recompute)
         f += attention_flops(answer_tokens, answer_tokens, lm.q_dim, layers=lm.decoder_layers, sequences=batch,
-                             mode="input_grad", recompute=recompute)
+                             mode=mode, recompute=recompute)
         f += attention_flops(answer_tokens, seq, lm.q_dim, layers=lm.decoder_layers, sequences=batch,
-                             mode="input_grad", recompute=recompute)
+                             mode=mode, recompute=recompute)
     return n_total, f
 
 
@@ -232,7 +241,8 @@ def _shape(module: nn.Module, name: str) -> tuple[int, int]:
 
 
 def training_flops_per_step(cfg: SAFEConfig, *, phase: int | None = None, text_tokens: int = 32,
-                            answer_tokens: int = 8, prompt_tokens: int | None = None, parts=None) -> FlopsReport:
+                            answer_tokens: int = 8, prompt_tokens: int | None = None, parts=None,
+                            teacher_share: float | None = None) -> FlopsReport:
     """Matmul FLOPs of one optimizer step (batch of the phase, every sample with an image and audio).
 
     The frozen vision path and audio encoder cost 2N per token (no gradient), unless the phase unfreezes
@@ -248,6 +258,19 @@ def training_flops_per_step(cfg: SAFEConfig, *, phase: int | None = None, text_t
     The fusion's keys and values cover the visual tokens and (``model.fusion.attend_text``) the prompt's
     ``prompt_tokens`` (default: the text tokens less the answer for decoder-only models, all of them for
     encoder-decoder ones); they need a weight gradient only (the context is frozen).
+
+    An unfrozen base projector fed by a frozen vision path (LLaVA's ``multi_modal_projector``, BLIP-2's
+    ``language_projection``) costs 4N in its first layer (no input gradient), 6N after it. LoRA costs nothing
+    before the first phase that trains it (``info.lora_active``: frozen with ``lora_B`` zero, the adapters are
+    switched off), 6N while it trains and 4N (passing gradients) after.
+
+    The distillation / retention teacher is its own row, ``teacher forward``: a no-grad forward (2N) of the
+    LM over the distilled rows, plus the vision path when a module before the LM was ever unfrozen (see
+    ``_teacher_flops``). Which rows are distilled depends on each batch's data, not on the config: the row
+    count is ``teacher_share`` x the batch, by default the phase's *expected* share
+    (``info.teacher_row_share``: the assumed share of image-only questions per dataset, ``info.DATASET_ROWS``
+    and ``AVQA_IMAGE_QUESTION_SHARE``, mixed as the sampler mixes rows, at the curriculum stage with the most;
+    0 when distillation and retention are off), not rounded to whole rows.
     """
     from safe_av.info import _pick_phase, build_parts, frozen_prefix_tokens, phase_trainability
 
@@ -279,8 +302,14 @@ def training_flops_per_step(cfg: SAFEConfig, *, phase: int | None = None, text_t
         rows.append(FlopsRow("Q-Former", n, modes["qformer"], f))
     proj_name = order[-1]
     proj = parts.components["base projector"]
-    n = sum(w for _, w in _linears(proj))
-    rows.append(FlopsRow("base projector", n, modes[proj_name], matmul_flops(n, v * b, modes[proj_name])))
+    lins = [w for _, w in _linears(proj)]
+    n = sum(lins)
+    if modes[proj_name] == "trainable" and not any(modes[m] == "trainable" for m in order[:-1]):
+        # unfrozen behind a frozen vision path: its first layer's input needs no gradient (as SAFE's projector)
+        f = matmul_flops(lins[0], v * b, "weight_grad") + matmul_flops(sum(lins[1:]), v * b, "trainable")
+    else:
+        f = matmul_flops(n, v * b, modes[proj_name])
+    rows.append(FlopsRow("base projector", n, modes[proj_name], f))
     # audio encoder
     if cfg.data.feature_cache:
         rows.append(FlopsRow("audio encoder", 0, "cached", 0.0))
@@ -308,9 +337,36 @@ def training_flops_per_step(cfg: SAFEConfig, *, phase: int | None = None, text_t
         f += attention_flops(k, ctx, d, sequences=b, mode=mode)
         rows.append(FlopsRow("SAFE fusion", n_q_side + n_kv, mode, f))
     prefix = frozen_prefix_tokens(cfg, tr, parts.lm.kind, v, text_tokens, answer_tokens, checkpointing=recompute)
-    n, f = _lm_flops(parts, cfg, b, seq, answer_tokens, tr.lora, recompute, min(prefix, seq))
+    n, f = _lm_flops(parts, cfg, b, seq, answer_tokens, tr.lora, recompute, min(prefix, seq),
+                     lora_active=tr.lora_active)
     rows.append(FlopsRow("language model", n, "input_grad", f))
+    # the distillation / retention teacher: a no-grad forward of the original model over the distilled rows
+    share = tr.teacher_share if teacher_share is None else teacher_share
+    if share > 0:
+        n, f = _teacher_flops(parts, cfg, tr, share * b, seq, answer_tokens)
+        rows.append(FlopsRow("teacher forward", n, "frozen", f))
     return FlopsReport(rows, b, ph.name)
+
+
+def _teacher_flops(parts, cfg: SAFEConfig, tr, rows: float, seq: int, answer_tokens: int) -> tuple[int, float]:
+    """``SAFEModel.teacher_forward`` on ``rows`` rows: the LM forward only (2N), LoRA adapters disabled, on the
+    student's row width ``seq`` (the audio placeholders are dropped and each row re-padded to the same width, so
+    their positions still run, as padding); no audio encoder, projector or fusion. The vision path runs again
+    (forward only) when a module outside the language model holds an anchor (``vision_path_original()`` is
+    False: the student's visual tokens are no longer the original ones); else the student's are reused."""
+    from safe_av.info import _unfrozen_modules
+
+    n, f = _lm_flops(parts, cfg, rows, seq, answer_tokens, False, False, lora_active=False, mode="frozen")
+    lm_ids = {id(m) for m in parts.lm_module.modules()}
+    if any(id(mod) not in lm_ids for mod in _unfrozen_modules(parts, tr.anchored)):
+        nv, fv = _vision_flops(parts, rows, "frozen", False)
+        n, f = n + nv, f + fv
+        if parts.family != "llava":
+            nv, fv = _qformer_flops(parts, rows, "frozen")
+            n, f = n + nv, f + fv
+        nv = sum(w for _, w in _linears(parts.components["base projector"]))
+        n, f = n + nv, f + matmul_flops(nv, parts.num_visual_tokens * rows, "frozen")
+    return n, f
 
 
 def format_flops(report: FlopsReport, step_time_s: float | None = None, device: str | None = None) -> str:

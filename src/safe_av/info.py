@@ -10,16 +10,22 @@ The memory estimate (formulas in ``docs/memory.md``) is::
 
     peak = weights + fp32 master copies + gradients + AdamW states + stored activations + backward transient
 
-- weights: every parameter at ``model.dtype`` (BLIP-2 keeps its Q-Former and query tokens in fp32, as
-  transformers does); with ``model.load_in`` the base model's ``nn.Linear`` weights (not ``lm_head``, not
-  the fp32-kept modules) take 1 byte + a 4-byte scale per output row (8-bit) or 0.5 byte + a 4-byte absmax
-  per 64 weights (4-bit); SAFE's projector/fusion/LoRA are fp32.
-- trainable parameters: fp32 gradients (4 B) and two fp32 AdamW states (8 B); parameters stored below fp32
-  also keep an fp32 master copy (4 B).
+- weights: every parameter at ``model.dtype``; the model's ``_keep_in_fp32_modules`` (BLIP-2's Q-Former and
+  query tokens, FlanT5's ``wo``) are fp32 only in a float16 model, as transformers' dtype plan does. With
+  ``model.load_in`` the base model's ``nn.Linear`` weights (not ``lm_head``, never the ``_keep_in_fp32_modules``,
+  which transformers adds to bitsandbytes' skip list) take 1 byte + a 4-byte scale per output row (8-bit) or
+  0.5 byte + a 4-byte absmax per 64 weights (4-bit). SAFE's projector/fusion are fp32; LoRA follows the layer
+  it wraps (the model's dtype; fp32 over a quantized layer). Each unfrozen base parameter also has its anchor
+  copy θ* (its own dtype) from the phase that unfreezes it on; with ``loss.fisher`` (the default) every module
+  any phase unfreezes has both its anchor and its fp32 Fisher diagonal from the first phase on.
+- trainable parameters: gradients and two AdamW states at the parameter's own dtype (SAFE's fp32 parts: 4 + 8
+  bytes; an unfrozen base module or LoRA in a bf16 model: 2 + 4 bytes; nothing upcasts them, and there is no
+  fp32 master copy - the column stays for the table's format and is 0).
 - activations: what autograd saves for one step at the phase's batch size, counted per layer for the
   language-model sequence ``visual + audio + text`` tokens. The LM is frozen but still saves what it needs
   to pass gradients back to the audio tokens (norm inputs, q/k/v/o for SDPA, the FFN activation's inputs;
-  frozen ``nn.Linear`` layers save nothing). Gradient checkpointing keeps only each layer's input, plus one
+  eager attention's scores; frozen ``nn.Linear`` layers save nothing, but bitsandbytes' quantized ones save
+  their input). Gradient checkpointing keeps only each layer's input, plus one
   layer's activations rematerialised during backward. The frozen vision and audio encoders run without
   gradients and save nothing, unless the phase unfreezes them.
 """
@@ -27,6 +33,7 @@ The memory estimate (formulas in ``docs/memory.md``) is::
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -68,6 +75,11 @@ class LMShape:
     decoder_layers: int = 0
     norm_fp32: bool = False
     """RMSNorm that upcasts its input to fp32 (Llama, T5): the saved norm input is 4 bytes per element."""
+    softmax_fp32: bool = False
+    """Eager attention takes the softmax in fp32 and casts it back (OPT, Llama: ``softmax(dtype=float32)
+    .to(query.dtype)``): below fp32 it saves the fp32 softmax output (for the softmax's backward) and its cast
+    copy (for ``P @ V``), 4 + e bytes per score; T5 saves one e-byte tensor per score. Measured with
+    saved-tensor hooks on the tiny models (``test_eager_attention_scores_match_autograd``)."""
 
 
 @dataclass
@@ -99,8 +111,11 @@ class Parts:
     vision_hidden: int
     vision_layers: int
     vision_ffn: int
-    keep_fp32: tuple[str, ...] = ()
-    """Top-level base components transformers keeps in fp32 (BLIP-2: Q-Former, query tokens)."""
+    keep_fp32: frozenset[int] = frozenset()
+    """``id()`` of the base parameters inside the model's ``_keep_in_fp32_modules`` (BLIP-2: Q-Former, query
+    tokens; FlanT5: every FFN ``wo``): transformers loads them in fp32 when ``dtype`` is float16 only (its
+    ``_get_dtype_plan``; bf16 and fp32 models keep them at the model's dtype), and bitsandbytes never quantizes
+    them (``get_modules_to_not_convert`` adds them to the skip list for any dtype)."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -193,7 +208,8 @@ def _lm_shape(text_cfg) -> LMShape:
     if mt == "opt":
         d = text_cfg.hidden_size
         return LMShape("decoder", d, text_cfg.num_hidden_layers, text_cfg.num_attention_heads, d, d,
-                       text_cfg.ffn_dim, False, text_cfg.activation_function, text_cfg.vocab_size)
+                       text_cfg.ffn_dim, False, text_cfg.activation_function, text_cfg.vocab_size,
+                       softmax_fp32=True)
     # llama-like
     d = text_cfg.hidden_size
     heads = text_cfg.num_attention_heads
@@ -201,7 +217,7 @@ def _lm_shape(text_cfg) -> LMShape:
     kv = (getattr(text_cfg, "num_key_value_heads", None) or heads) * head_dim
     return LMShape("decoder", d, text_cfg.num_hidden_layers, heads, heads * head_dim, kv,
                    text_cfg.intermediate_size, True, getattr(text_cfg, "hidden_act", "silu"), text_cfg.vocab_size,
-                   norm_fp32=True)
+                   norm_fp32=True, softmax_fp32=True)
 
 
 def _lora_linears(lm: nn.Module, targets: list[str]) -> list[tuple[int, int]]:
@@ -234,7 +250,6 @@ def build_parts(cfg: SAFEConfig) -> Parts:
         vc = base.config.vision_config
         num_visual = base.config.num_query_tokens
         vision_seq = (vc.image_size // vc.patch_size) ** 2 + 1
-        keep_fp32 = ("Q-Former",)
     else:
         lm_module = _ModuleGroup(language_model=base.model.language_model, lm_head=base.lm_head)
         text_cfg = base.config.text_config
@@ -247,7 +262,6 @@ def build_parts(cfg: SAFEConfig) -> Parts:
         n = (vc.image_size // vc.patch_size) ** 2
         num_visual = n + (1 if base.config.vision_feature_select_strategy == "full" else 0)
         vision_seq = n + 1
-        keep_fp32 = ()
     lm = _lm_shape(text_cfg)
     if audio_model.config.model_type == "clap":
         audio_enc, audio_dim = audio_model.audio_model, audio_model.config.audio_config.hidden_size
@@ -266,6 +280,9 @@ def build_parts(cfg: SAFEConfig) -> Parts:
             notes.append(f"model.lora.target_modules={m.lora.target_modules} matches no nn.Linear of the "
                          "language model (peft would refuse it)")
     lora_params = sum(m.lora.r * (i + o) for i, o in lora_linears)
+    # transformers' dtype plan matches every name in _keep_in_fp32_modules as a pattern inside parameter names
+    keep = [re.compile(k.replace("*", ".*")) for k in (getattr(base, "_keep_in_fp32_modules", None) or ())]
+    keep_fp32 = frozenset(id(p) for n, p in base.named_parameters() if any(k.search(n) for k in keep))
     return Parts(base_name=base_name, audio_name=audio_name, family=family, base_model=base,
                  components=components, unfreezable=unfreezable, audio_encoder=audio_enc,
                  audio_kind=audio_model.config.model_type, audio_dim=audio_dim, projector=projector,
@@ -311,20 +328,41 @@ def _linear_weight_ids(module: nn.Module, skip: tuple[str, ...] = ("lm_head",)) 
     return ids
 
 
-def _storage_bytes(module: nn.Module, dtype_bytes: float, load_in: str, quantize: bool) -> float:
-    """Bytes of ``module``'s parameters stored at ``dtype_bytes``, with bitsandbytes quantization of its
-    ``nn.Linear`` weights when ``load_in`` is set and ``quantize`` is True."""
+def _kept_bytes(dtype: str) -> int:
+    """Bytes per element of a ``_keep_in_fp32_modules`` parameter in a model loaded at ``dtype``: fp32 only for
+    float16 (transformers' ``_get_dtype_plan``), else the model's dtype."""
+    return 4 if dtype == "float16" else _DTYPE_BYTES[dtype]
+
+
+def _param_bytes(p: nn.Parameter, dtype: str, keep_fp32: frozenset[int] = frozenset()) -> int:
+    """Bytes per element of an unquantized base parameter (a trainable one's gradient and AdamW states too)."""
+    return _kept_bytes(dtype) if id(p) in keep_fp32 else _DTYPE_BYTES[dtype]
+
+
+def _lora_bytes(dtype: str, load_in: str) -> int:
+    """Bytes per LoRA element: peft moves the adapters to the dtype of the layer they wrap (the model's dtype),
+    except over a bitsandbytes layer (an integer weight), where they stay fp32."""
+    return 4 if load_in != "none" else _DTYPE_BYTES[dtype]
+
+
+def _storage_bytes(module: nn.Module, dtype: str, load_in: str, quantize: bool,
+                   keep_fp32: frozenset[int] = frozenset()) -> float:
+    """Bytes of ``module``'s parameters stored at ``dtype``, with bitsandbytes quantization of its ``nn.Linear``
+    weights when ``load_in`` is set and ``quantize`` is True. Parameters in ``keep_fp32`` (the model's
+    ``_keep_in_fp32_modules``) are never quantized and are fp32 in a float16 model."""
     lin = _linear_weight_ids(module) if (quantize and load_in != "none") else set()
     total = 0.0
     for _, p in _unique_params(module):
         n = p.numel()
-        if id(p) in lin:
+        if id(p) in keep_fp32:
+            total += n * _kept_bytes(dtype)
+        elif id(p) in lin:
             if load_in == "8bit":
                 total += n * 1 + 4 * p.shape[0]
             else:
                 total += n * 0.5 + 4 * math.ceil(n / 64)
         else:
-            total += n * dtype_bytes
+            total += n * _DTYPE_BYTES[dtype]
     return total
 
 
@@ -411,6 +449,12 @@ class Trainability:
     teacher_share: float = 0.0
     """Expected share of a batch's rows the teacher runs on (distilled rows), at the phase's curriculum stage
     with the most; see :func:`teacher_row_share`. 0 when no row can be distilled."""
+    anchored: list[str] = field(default_factory=list)
+    """Base modules holding an anchor copy θ* in this phase (:func:`anchored_modules`)."""
+    fisher: list[str] = field(default_factory=list)
+    """Base modules whose diagonal Fisher is held (:func:`fisher_modules`)."""
+    lora_active: bool = False
+    """The LoRA adapters run in this phase (:func:`lora_active`): not before the first phase that trains them."""
 
     @property
     def teacher(self) -> bool:
@@ -450,15 +494,41 @@ def _dataset_rows(cfg: SAFEConfig, name: str) -> tuple[bool, float]:
     return True, 0.0  # unknown: assume audio-bearing rows without image-only questions
 
 
+def _phases_so_far(cfg: SAFEConfig, phase: PhaseConfig) -> list[PhaseConfig]:
+    """``phase`` and the phases before it (``phase`` alone when it is not one of ``cfg.train.phases``)."""
+    idx = next((i for i, p in enumerate(cfg.train.phases) if p is phase), 0)  # not among them: no earlier phase
+    return [*cfg.train.phases[:idx], phase]
+
+
+def lora_active(cfg: SAFEConfig, phase: PhaseConfig) -> bool:
+    """The LoRA adapters run in ``phase``: they train now or an earlier phase trained them. Before that they are
+    frozen with ``lora_B`` zero (peft's initialisation), and ``SAFEModel.sync_lora_active`` switches them off."""
+    return cfg.model.lora.enabled and any("lora" in p.train for p in _phases_so_far(cfg, phase))
+
+
+def fisher_modules(cfg: SAFEConfig) -> list[str]:
+    """Base modules whose diagonal Fisher (fp32) the trainer holds for the whole run (``Trainer._setup_fisher``):
+    every module any phase unfreezes, with ``loss.fisher`` on and not ``loss.task_only``; else none."""
+    lc = cfg.loss
+    if not lc.fisher or lc.task_only:
+        return []
+    return list(dict.fromkeys(m for p in cfg.train.phases if "base" in p.train for m in p.unfreeze))
+
+
+def anchored_modules(cfg: SAFEConfig, phase: PhaseConfig) -> list[str]:
+    """Base modules with an anchor copy θ* (their original weights, ``SAFEModel.set_trainable``) in ``phase``:
+    those unfrozen by it or an earlier phase, and all of :func:`fisher_modules` from the start (the Fisher pass
+    unfreezes them all once, before the first phase)."""
+    names = [m for p in _phases_so_far(cfg, phase) if "base" in p.train for m in p.unfreeze]
+    return list(dict.fromkeys(fisher_modules(cfg) + names))
+
+
 def _base_trains(cfg: SAFEConfig, phase: PhaseConfig) -> bool:
     """What the trainer's ``_distill_rows`` calls ``base_trains``: the phase unfreezes base modules, or the LoRA
     adapters train now or were trained by an earlier phase (they are then no longer the identity)."""
     if "base" in phase.train and phase.unfreeze:
         return True
-    if not cfg.model.lora.enabled:
-        return False
-    idx = next((i for i, p in enumerate(cfg.train.phases) if p is phase), 0)  # not among them: no earlier phase
-    return any("lora" in p.train for p in [*cfg.train.phases[:idx], phase])
+    return lora_active(cfg, phase)
 
 
 def teacher_row_share(cfg: SAFEConfig, phase: PhaseConfig) -> float:
@@ -518,7 +588,8 @@ def phase_trainability(cfg: SAFEConfig, phase: PhaseConfig) -> Trainability:
     return Trainability(projector="projector" in phase.train,
                         fusion="fusion" in phase.train and cfg.model.fusion.enabled,
                         lora="lora" in phase.train and cfg.model.lora.enabled, unfrozen=unfrozen,
-                        teacher_share=teacher_row_share(cfg, phase))
+                        teacher_share=teacher_row_share(cfg, phase), anchored=anchored_modules(cfg, phase),
+                        fisher=fisher_modules(cfg), lora_active=lora_active(cfg, phase))
 
 
 def _pick_phase(cfg: SAFEConfig, phase: int | None) -> tuple[int, PhaseConfig]:
@@ -598,6 +669,8 @@ def lm_activation_bytes(lm: LMShape, batch: int, seq: int, *, dtype_bytes: int, 
     up = (4 - dtype_bytes) / dtype_bytes if (lm.norm_fp32 and dtype_bytes < 4) else 0.0
     n_norms = [2] * lm.layers + [3] * (lm.decoder_layers if lm.kind != "decoder" else 0)
     layers = [(el + up * k * lm.hidden * sq, sq) for (el, sq), k in zip(layers, n_norms)]
+    if eager and lm.softmax_fp32 and dtype_bytes < 4:  # the fp32 softmax output besides its cast copy
+        layers = [(el + 4 / dtype_bytes * lm.heads * sq * sq, sq) for el, sq in layers]
     if checkpointing:
         stored = sum(lm.hidden * sq for _, sq in layers)
         transient = max(el for el, _ in layers)
@@ -639,6 +712,24 @@ def logit_positions(cfg: SAFEConfig, lm_kind: str, seq: int, answer_tokens: int)
     return min(seq, answer_tokens + 1) if cfg.model.label_logits_only else seq
 
 
+def quantized_input_elems(parts: Parts, seq: int, answer_tokens: int) -> float:
+    """Elements per sample that the language model's bitsandbytes linears save for backward: each one's input
+    (``in_features`` per position it runs on: ``seq``, or for an encoder-decoder's decoder the answer, its
+    cross-attention keys/values the encoder's ``seq``). ``lm_head`` and the ``_keep_in_fp32_modules`` are not
+    quantized. An upper bound where several linears read one tensor that is not cast (8-bit: q/k/v, gate/up
+    share theirs, saved once); 4-bit casts it once per linear (to fp32), so each keeps its own copy."""
+    total = 0.0
+    for name, mod in parts.lm_module.named_modules():
+        if not isinstance(mod, nn.Linear) or name.split(".")[-1] == "lm_head" or id(mod.weight) in parts.keep_fp32:
+            continue
+        toks = seq
+        if parts.lm.kind != "decoder" and name.startswith("decoder."):
+            cross_kv = "EncDecAttention" in name and (name.endswith(".k") or name.endswith(".v"))
+            toks = seq if cross_kv else answer_tokens
+        total += mod.in_features * toks
+    return total
+
+
 def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfig, batch: int,
                       text_tokens: int, answer_tokens: int) -> tuple[float, float]:
     """(stored activations, backward transient) in bytes for one training step."""
@@ -662,6 +753,16 @@ def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfi
                                                   lora_inputs_per_token=lora_in)
     stored += lm_stored + lm.layers * 2 * lm.kv_dim * prefix * e * batch
     transient += lm_transient
+    if s.load_in != "none":
+        # unlike a frozen nn.Linear, a bitsandbytes matmul saves its input whenever an input needs a gradient
+        # (MatMul8bitLt: ctx.tensors = (CAt, subA, A); MatMul4Bit: (A, B)), at the compute dtype: 8-bit, the
+        # activations' (e); 4-bit, Linear4bit casts its input to bnb_4bit_compute_dtype, which load_base's
+        # BitsAndBytesConfig leaves at its default, float32. Checkpointing: one layer's, during its recompute.
+        q_in = quantized_input_elems(parts, seq - prefix, answer_tokens) * (4 if s.load_in == "4bit" else e) * batch
+        if gc:
+            transient += q_in / (lm.layers + lm.decoder_layers)
+        else:
+            stored += q_in
     rows = teacher_rows(tr.teacher_share, batch)
     if rows:
         # the teacher's no-grad forward runs while the student's activations are held: it keeps every
@@ -715,21 +816,26 @@ def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfi
 
 def _memory(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfig, batch: int, text_tokens: int,
             answer_tokens: int, lever: str) -> Memory:
-    db = _DTYPE_BYTES[s.dtype]
-    unfrozen_ids = {id(p) for mod in _unfrozen_modules(parts, tr.unfrozen) for p in mod.parameters()}
+    def ids(names: list[str]) -> set[int]:
+        return {id(p) for mod in _unfrozen_modules(parts, names) for p in mod.parameters()}
+
+    unfrozen_ids, anchor_ids, fisher_ids = ids(tr.unfrozen), ids(tr.anchored), ids(tr.fisher)
     weights = master = grads = optim = 0.0
-    for name, mod in parts.components.items():
-        keep32 = name in parts.keep_fp32
-        weights += _storage_bytes(mod, 4 if keep32 else db, s.load_in, quantize=not keep32)
+    for mod in parts.components.values():
+        weights += _storage_bytes(mod, s.dtype, s.load_in, quantize=True, keep_fp32=parts.keep_fp32)
         for _, p in _unique_params(mod):
+            n, pb = p.numel(), _param_bytes(p, s.dtype, parts.keep_fp32)
             if id(p) in unfrozen_ids:
-                n = p.numel()
-                grads += 4 * n
-                optim += 8 * n
-                if not keep32 and db < 4:
-                    master += 4 * n
+                # nothing upcasts a trainable base parameter: its gradient and AdamW's two states
+                # (zeros_like(param)) take its own dtype, and there is no fp32 master copy
+                grads += pb * n
+                optim += 2 * pb * n
+            if id(p) in anchor_ids:  # the anchor θ* (p.detach().clone()), held as long as the model
+                weights += pb * n
+            if id(p) in fisher_ids:  # the diagonal Fisher, fp32
+                weights += 4 * n
     # the audio encoder is loaded at model.dtype, never quantized (build_audio_encoder)
-    weights += _storage_bytes(parts.audio_encoder, db, "none", quantize=False)
+    weights += _storage_bytes(parts.audio_encoder, s.dtype, "none", quantize=False)
     safe = [(parts.projector, tr.projector), (parts.fusion, tr.fusion)]
     for mod, trains in safe:
         if mod is None:
@@ -740,10 +846,11 @@ def _memory(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfig, batch: 
             grads += 4 * n
             optim += 8 * n
     if parts.lora_params:
-        weights += 4 * parts.lora_params
+        lb = _lora_bytes(s.dtype, s.load_in)
+        weights += lb * parts.lora_params
         if tr.lora:
-            grads += 4 * parts.lora_params
-            optim += 8 * parts.lora_params
+            grads += lb * parts.lora_params
+            optim += 2 * lb * parts.lora_params
     act, transient = _activation_bytes(parts, tr, s, cfg, batch, text_tokens, answer_tokens)
     return Memory(lever, weights, master, grads, optim, act, transient)
 
@@ -783,23 +890,23 @@ def model_summary(cfg: SAFEConfig, *, phase: int | None = None, text_tokens: int
     parts = parts or build_parts(cfg)
     tr = phase_trainability(cfg, ph)
     unfrozen_ids = {id(p) for mod in _unfrozen_modules(parts, tr.unfrozen) for p in mod.parameters()}
-    db = _DTYPE_BYTES[cfg.model.dtype]
+    dtype = cfg.model.dtype
     rows = []
     for name, mod in parts.components.items():
         params = _unique_params(mod)
-        keep32 = name in parts.keep_fp32
         rows.append(Row(name, sum(p.numel() for _, p in params),
                         sum(p.numel() for _, p in params if id(p) in unfrozen_ids),
-                        _storage_bytes(mod, 4 if keep32 else db, cfg.model.load_in, quantize=not keep32)))
+                        _storage_bytes(mod, dtype, cfg.model.load_in, quantize=True, keep_fp32=parts.keep_fp32)))
     n_audio = count_params(parts.audio_encoder)
-    rows.append(Row("audio encoder", n_audio, 0, _storage_bytes(parts.audio_encoder, db, "none", False)))
+    rows.append(Row("audio encoder", n_audio, 0, _storage_bytes(parts.audio_encoder, dtype, "none", False)))
     n_proj = count_params(parts.projector)
     rows.append(Row("SAFE projector", n_proj, n_proj if tr.projector else 0, 4 * n_proj))
     if parts.fusion is not None:
         n_fus = count_params(parts.fusion)
         rows.append(Row("SAFE fusion", n_fus, n_fus if tr.fusion else 0, 4 * n_fus))
     if cfg.model.lora.enabled:
-        rows.append(Row("LoRA", parts.lora_params, parts.lora_params if tr.lora else 0, 4 * parts.lora_params))
+        rows.append(Row("LoRA", parts.lora_params, parts.lora_params if tr.lora else 0,
+                        _lora_bytes(dtype, cfg.model.load_in) * parts.lora_params))
     levers = [_memory(parts, tr, s, cfg, ph.batch_size, text_tokens, answer_tokens, name)
               for name, s in lever_settings(cfg)]
     notes = list(parts.notes)
