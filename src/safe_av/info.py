@@ -717,7 +717,7 @@ def quantized_input_elems(parts: Parts, seq: int, answer_tokens: int) -> float:
     (``in_features`` per position it runs on: ``seq``, or for an encoder-decoder's decoder the answer, its
     cross-attention keys/values the encoder's ``seq``). ``lm_head`` and the ``_keep_in_fp32_modules`` are not
     quantized. An upper bound where several linears read one tensor that is not cast (8-bit: q/k/v, gate/up
-    share theirs, saved once); 4-bit casts it once per linear (to fp32), so each keeps its own copy."""
+    share theirs, saved once); 4-bit casts it once per linear (to the compute dtype), so each keeps its own copy."""
     total = 0.0
     for name, mod in parts.lm_module.named_modules():
         if not isinstance(mod, nn.Linear) or name.split(".")[-1] == "lm_head" or id(mod.weight) in parts.keep_fp32:
@@ -756,9 +756,10 @@ def _activation_bytes(parts: Parts, tr: Trainability, s: Setting, cfg: SAFEConfi
     if s.load_in != "none":
         # unlike a frozen nn.Linear, a bitsandbytes matmul saves its input whenever an input needs a gradient
         # (MatMul8bitLt: ctx.tensors = (CAt, subA, A); MatMul4Bit: (A, B)), at the compute dtype: 8-bit, the
-        # activations' (e); 4-bit, Linear4bit casts its input to bnb_4bit_compute_dtype, which load_base's
-        # BitsAndBytesConfig leaves at its default, float32. Checkpointing: one layer's, during its recompute.
-        q_in = quantized_input_elems(parts, seq - prefix, answer_tokens) * (4 if s.load_in == "4bit" else e) * batch
+        # activations' (e); 4-bit, Linear4bit casts its input to bnb_4bit_compute_dtype, which load_base sets to
+        # the model's dtype. Checkpointing: one layer's, during its recompute.
+        q_bytes = _DTYPE_BYTES[s.dtype] if s.load_in == "4bit" else e
+        q_in = quantized_input_elems(parts, seq - prefix, answer_tokens) * q_bytes * batch
         if gc:
             transient += q_in / (lm.layers + lm.decoder_layers)
         else:

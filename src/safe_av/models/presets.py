@@ -173,8 +173,11 @@ def load_base(name_or_path: str, *, dtype: str = "float32", attn_implementation:
     if load_in != "none":
         from transformers import BitsAndBytesConfig
 
+        # 4-bit: matmuls in the model's dtype (bitsandbytes' default compute dtype is float32, which doubles the
+        # activations its layers keep and runs every matmul in fp32)
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_in == "8bit",
-                                                           load_in_4bit=load_in == "4bit")
+                                                           load_in_4bit=load_in == "4bit",
+                                                           bnb_4bit_compute_dtype=_dtype(dtype))
     model = classes[config.model_type].from_pretrained(name_or_path, **kwargs)
     processor = AutoProcessor.from_pretrained(name_or_path)
     return model.eval(), processor
