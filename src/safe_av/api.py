@@ -54,12 +54,13 @@ def prepare_item(question: str, image=None, audio=None, *, sampling_rate: int, m
     Args:
         question: the question (``""`` asks for an audio caption).
         image: an image path, a frame folder, a PIL image (16-bit and float ones rescaled as files are), or None.
-        audio: an audio path (read as training reads it: mono, resampled, its first ``max_seconds``), a 1-D float
-            waveform at ``sampling_rate`` (taken as it is), or None.
+        audio: an audio path (read as training reads it: mono, resampled, its first ``max_seconds``, peak
+            normalised), a 1-D float waveform at ``sampling_rate`` (cut to ``max_seconds`` and peak normalised the
+            same way, so a clip gets the same answer as an array as from its file), or None.
     """
     from PIL import Image
 
-    from safe_av.data.audio import load_audio
+    from safe_av.data.audio import SILENT_REASON, load_audio, peak_normalise
     from safe_av.data.vision import load_image, pil_to_rgb
 
     if not isinstance(question, str):
@@ -103,7 +104,12 @@ def prepare_item(question: str, image=None, audio=None, *, sampling_rate: int, m
             if wave.ndim != 1 or wave.size == 0 or not np.isfinite(wave).all():
                 raise InputError(f"{where}: field 'audio': expected a non-empty finite 1-D waveform at "
                                  f"{sampling_rate} Hz, got shape {wave.shape}")
-            item["waveform"], item["num_valid"] = wave, len(wave)
+            n_out = int(round(sampling_rate * max_seconds))
+            wave, silent = peak_normalise(wave[:n_out])  # as load_audio treats a file's samples
+            if silent:
+                raise InputError(f"{where}: field 'audio': {SILENT_REASON}")
+            item["waveform"] = np.pad(wave, (0, n_out - len(wave)))
+            item["num_valid"] = len(wave)
     return item
 
 

@@ -561,3 +561,19 @@ def test_eval_and_infer_refuse_an_output_that_is_a_folder_before_any_work(run, t
     assert cli(["eval", "--config", str(run / "config.yaml"), "--checkpoint", str(run),
                 "--output", str(tmp_path)]) == 2
     assert "--output" in capsys.readouterr().err and not list(tmp_path.glob("*.predictions.jsonl"))
+
+
+def test_a_waveform_array_is_answered_as_its_file(loaded, media):
+    """An array at the model's rate gets the file's treatment (cut, peak normalised, silence refused), so the answer
+    is the same either way; a quieter copy of it too."""
+    from safe_av.data.audio import load_audio
+
+    image, audio = media
+    clip = load_audio(audio, target_sr=loaded.sampling_rate, max_seconds=loaded.cfg.data.max_audio_seconds)
+    raw = clip.waveform[:clip.num_valid]
+    by_file = loaded.answer("Which instrument is playing?", image=image, audio=audio)
+    assert loaded.answer("Which instrument is playing?", image=image, audio=raw * 0.1) == by_file
+    item = loaded.prepare("?", audio=raw * 0.1)
+    assert item["num_valid"] == clip.num_valid and abs(float(abs(item["waveform"]).max()) - 1.0) < 1e-6
+    with pytest.raises(InputError, match=r"field 'audio': silent clip"):
+        loaded.answer("?", audio=raw * 0)
