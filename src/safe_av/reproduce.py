@@ -506,6 +506,7 @@ def _flatten(name: str, seed: int, metrics: dict, extra: dict) -> dict:
         "retrieval_r5_text_to_audio": (retr.get("text_to_audio") or {}).get(f"R@{RETRIEVAL_K}"),
         "retrieval_chance_r5": retr.get("chance_audio_to_text_R@5"),
         "retrieval_chance_r5_text_to_audio": retr.get("chance_text_to_audio_R@5"),
+        "retrieval_clips": retr.get("n_audio"),
         "feature_similarity": metrics.get("feature_similarity"),
         "attention_correlation": (extra.get("attention") or {}).get("value"),
         "steps_to_converge": extra.get("steps_to_converge"),
@@ -556,7 +557,9 @@ def run_variant(name: str, seed: int, cfg, out: str, retrieval_clips: int, atten
         result.update(status="error", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         log.error("%s seed %d failed: %s", name, seed, err)
     flat = _flatten(name, seed, metrics, extra)
-    flat["divergent"] = float(result["status"] == "diverged" or bool(metrics.get("skipped_steps")))
+    # a run that failed (a bug) says nothing about divergence: left out of the fraction, listed under errors
+    flat["divergent"] = (None if result["status"] == "error"
+                         else float(result["status"] == "diverged" or bool(metrics.get("skipped_steps"))))
     flat["seconds"] = round(time.time() - t0, 1)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     flat["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime - cpu0, 1)
@@ -589,7 +592,7 @@ def _stats(values: list) -> dict:
     if not xs:
         return {"mean": None, "std": None, "n": 0}
     mean = sum(xs) / len(xs)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None  # one seed: none
     return {"mean": mean, "std": std, "n": len(xs)}
 
 
@@ -603,7 +606,8 @@ def aggregate(results: dict[str, list[dict]]) -> dict:
         tables = [row.get("avqa_table") or {} for row in rows]
         keys = list(dict.fromkeys(k for t in tables for k in t))
         entry["avqa_table"] = {k: _stats([t.get(k) for t in tables]) for k in keys}
-        entry["runs"] = len(runs)
+        entry["by_seed"] = {row.get("seed"): row for row in rows}  # for paired differences between variants
+        entry["runs"] = sum(1 for row in rows if row.get("divergent") is not None)  # errored runs not counted
         entry["divergent_runs"] = sum(1 for row in rows if row.get("divergent"))
         entry["errors"] = [r.get("error") for r in runs if r.get("status") == "error"]
         if name in ALIASES:
@@ -622,9 +626,15 @@ def comparisons(agg: dict) -> dict:
     def ratio(a, b):
         return a / b if (a is not None and b) else None
 
+    def paired(variant, key):
+        """variant - safe on the seeds both have a value for: mean, std and n of the per-seed differences."""
+        mine, safe = agg.get(variant, {}).get("by_seed", {}), agg.get("safe", {}).get("by_seed", {})
+        diffs = [mine[s][key] - safe[s][key] for s in sorted(set(mine) & set(safe), key=str)
+                 if all(isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) for r in (mine[s], safe[s]))]
+        return _stats(diffs)
+
     def delta(variant, key):
-        a, b = _mean(agg, variant, key), _mean(agg, "safe", key)
-        return None if a is None or b is None else a - b
+        return paired(variant, key)["mean"]
 
     def rel(variant, key):
         a, b = _mean(agg, variant, key), _mean(agg, "safe", key)
@@ -643,6 +653,11 @@ def comparisons(agg: dict) -> dict:
         "no_distillation_retention_delta": delta("no_distillation", "vl_retention"),
         "no_curriculum_audio_delta": delta("no_curriculum", "audio_dependent_accuracy"),
         "no_attention_fusion_multimodal_delta": delta("no_attention_fusion", "avqa_av_accuracy"),
+        "paired": {name: paired(variant, key) for name, variant, key in (
+            ("no_fisher_retention", "no_fisher", "vl_retention"),
+            ("no_distillation_retention", "no_distillation", "vl_retention"),
+            ("no_curriculum_audio", "no_curriculum", "audio_dependent_accuracy"),
+            ("no_attention_fusion_multimodal", "no_attention_fusion", "avqa_av_accuracy"))},
         "relative": {
             "no_fisher_retention": rel("no_fisher", "vl_retention"),
             "no_distillation_retention": rel("no_distillation", "vl_retention"),
@@ -658,7 +673,9 @@ def comparisons(agg: dict) -> dict:
 def _fmt(stat: dict | None, key: str) -> str:
     if not stat or stat.get("mean") is None:
         return "n/a"
-    m, s = stat["mean"], stat["std"] or 0.0
+    m, s = stat["mean"], stat["std"]
+    if s is None:  # one seed: no spread to show
+        return _fmt({"mean": m, "std": 0.0}, key).split(" ± ")[0] + (" (1 seed)" if stat.get("n") == 1 else "")
     if key in PERCENT:
         return f"{100 * m:.1f} ± {100 * s:.1f}%"
     if key in ("steps_to_converge", "total_steps", "peak_memory_mb", "seconds", "cpu_seconds"):
@@ -726,7 +743,8 @@ def write_markdown(path: Path, info: dict, agg: dict, comp: dict) -> None:
         f"| Training stability | 90% fewer divergent runs | SAFE {runs('safe')} divergent | "
         f"naive {runs('naive_finetune')} |",
         "",
-        "## Ablations (difference to SAFE, percentage points; relative in brackets)",
+        "## Ablations (difference to SAFE, percentage points: the mean ± std of the per-seed differences over the "
+        "seeds both ran; relative in brackets)",
         "",
         "| Ablation | Metric | Spec | Ours |",
         "|---|---|---|---|",
@@ -739,8 +757,11 @@ def write_markdown(path: Path, info: dict, agg: dict, comp: dict) -> None:
         ("no_attention_fusion", "Audio-Visual (multimodal) accuracy", "−21.5%",
          "no_attention_fusion_multimodal_delta", "no_attention_fusion_multimodal"),
     ):
-        r = rel[rkey]
-        lines.append(f"| {name} | {metric} | {claim} | {_pct(comp[key], signed=True)} ({_rel(r)}) |")
+        r, pair = rel[rkey], comp["paired"][rkey]
+        spread = (f" ± {100 * pair['std']:.1f} over {pair['n']} paired seeds" if pair.get("std") is not None
+                  else f" ({pair['n']} paired seed{'s' if pair['n'] != 1 else ''})")
+        lines.append(f"| {name} | {metric} | {claim} | {_pct(comp[key], signed=True)}{spread if pair['n'] else ''} "
+                     f"({_rel(r)}) |")
     lines += ["", "`no_attention_fusion` is the same runs as `simple_concat`: the fusion layer is the only "
               "attention-based fusion here, and removing it leaves exactly the simple-concatenation baseline.", "",
               "## All variants", ""]
@@ -917,7 +938,8 @@ def main(args) -> int:
         f"Splits: VQA on data.vqa_eval_split ({cfg.data.vqa_eval_split}) without the images the training evaluated "
         f"on, AVQA on data.eval_split ({cfg.data.eval_split}); the training's own evaluations read "
         f"data.select_split ({cfg.data.select_split}).",
-        f"Retrieval: the first {retrieval_clips} AudioCaps clips of data.eval_split ({cfg.data.eval_split}; the other "
+        f"Retrieval: the first {first('retrieval_clips') or retrieval_clips} AudioCaps clips (at most {retrieval_clips}: "
+        f"those with audio and captions) of data.eval_split ({cfg.data.eval_split}; the other "
         "held-out splits only top up a split of fewer than 2) x all their captions, scored by the caption's mean token log-likelihood given the "
         "clip (captioning prompt, no image); R@5 audio→caption counts a hit when any of the clip's captions is in "
         "the top 5.",
