@@ -153,6 +153,17 @@ def test_batch_stream_falls_back_when_a_stage_filter_empties_a_pool(caplog):
         stream.configure(0.5, ["medium", "hard"])
     assert stream.difficulties is None and stream.batches_per_epoch() > 0
     assert "ignoring the difficulty filter" in caplog.text and "no eligible audio-free sample" in caplog.text
+    # asking for the same stage again (what a resume does after restoring the stream) is no change: the stream
+    # stays where it was instead of jumping to a new epoch
+    stream.epoch, stream.position = 2, 3
+    state = stream.state_dict()
+    stream.configure(0.5, ["hard", "medium"])
+    assert (stream.epoch, stream.position) == (2, 3)
+    again = BatchStream(SAFEDataset(samples, sampling_rate=16000), lambda b: b, batch_size=4, dataset_weights=None,
+                        seed=0)
+    again.load_state_dict(state)
+    again.configure(0.5, ["medium", "hard"])
+    assert (again.epoch, again.position) == (2, 3) and again.difficulties is None
     caplog.clear()
     audio_only = BatchStream(SAFEDataset(samples[:12], sampling_rate=16000), lambda b: b, batch_size=4,
                              dataset_weights=None, seed=0)

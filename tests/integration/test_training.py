@@ -438,10 +438,13 @@ def test_fp16_loss_scaling_unscales_before_clipping_and_lowers_the_scale_on_over
     monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
     monkeypatch.setattr(tr.acc, "native_amp", True)
     monkeypatch.setattr(tr.acc, "scaler", torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
+    tr._start_phase(0)  # an earlier phase's optimizer (the projector trains in both): it must not unscale again
     optim, sched, stream, _ = tr._start_phase(1)
+    assert tr.acc._optimizers == [optim]
     w = tr._weights(cfg.train.phases[1])
     logs = tr._optimizer_step(tr.ddp_model, optim, sched, stream, w)
     assert logs is not None and 0 < logs["grad_norm"] < 100  # x65536 before the fix: clipped every step
+    assert tr.model.projector.projection[0].weight.grad is None  # stepped and zeroed
     assert tr.acc.scaler.get_scale() == 2.0 ** 16
     tr.blow_up = {tr.state.global_step}
     assert tr._optimizer_step(tr.ddp_model, optim, sched, stream, w) is None

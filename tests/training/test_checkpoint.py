@@ -160,3 +160,26 @@ def test_tied_tensors_are_saved(tmp_path) -> None:
     state, _, _ = load_checkpoint(path, optimizer=None, scheduler=None, restore_rng=False)
     assert torch.equal(state["a"], shared) and torch.equal(state["b"], shared)
     assert torch.equal(state["c"], torch.arange(3.0))
+
+
+def test_resaving_a_step_loses_complete_first_and_later_checkpoints_can_be_dropped(tmp_path, monkeypatch) -> None:
+    """Replacing an existing step folder: a crash part-way through the delete leaves a folder without COMPLETE (it
+    was deleted in directory order, COMPLETE possibly last, and find_latest then chose a folder without weights);
+    a resume from an older checkpoint drops the abandoned run's later ones (drop_after)."""
+    import shutil
+
+    model, optimizer, scheduler = _setup()
+    for step in (200, 300):
+        _save(tmp_path, step, model, optimizer, scheduler)
+
+    def crash(path, *a, **k):
+        raise KeyboardInterrupt("killed while deleting")
+
+    monkeypatch.setattr(shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 300, model, optimizer, scheduler)
+    monkeypatch.undo()
+    assert find_latest(tmp_path).name == "step-0000200"  # 300 lost COMPLETE before anything else
+    _save(tmp_path, 300, model, optimizer, scheduler)
+    removed = ckpt.drop_after(tmp_path, 200)
+    assert [p.name for p in removed] == ["step-0000300"] and find_latest(tmp_path).name == "step-0000200"

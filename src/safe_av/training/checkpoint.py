@@ -217,6 +217,19 @@ def _best(complete: list[tuple[int, Path]]) -> Path | None:
     return max(same, key=lambda pv: sign * pv[1])[0]
 
 
+def drop_after(run_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Remove the complete checkpoints of ``run_dir`` saved after ``step``: a run resumed from an earlier checkpoint
+    abandons them (its metrics.jsonl is cut there too), and ``find_latest`` must not return to them after a crash.
+    Each loses its ``COMPLETE`` first. Returns the removed folders."""
+    removed = []
+    for s, path in _complete(Path(run_dir) / "checkpoints"):
+        if s > step:
+            (path / COMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def find_latest(run_dir: str | os.PathLike) -> Path | None:
     """Newest complete checkpoint of a run (``None`` if there is none).
 
@@ -269,6 +282,10 @@ def _check_save_args(step: int, keep_last: int, best_metric: Metric | None) -> N
 def _publish(tmp: Path, final: Path) -> None:
     """Atomically move the finished temporary folder to its final name."""
     if final.exists():  # re-saving a step (e.g. after resuming from it): replace it
+        # COMPLETE goes first: rmtree deletes in directory order, and a crash part-way must not leave a folder that
+        # still says complete while its weights are gone (find_latest would pick it, and loading it fail)
+        (final / COMPLETE).unlink(missing_ok=True)
+        _fsync_dir(final)
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)

@@ -264,6 +264,7 @@ class BatchStream:
         self.batch_size, self.weights, self.seed = batch_size, dataset_weights, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.audio_ratio, self.difficulties = 1.0, None
+        self.requested: list[str] | None = None  # the difficulties asked for; ``difficulties``: those in effect
         self.epoch, self.position = 0, 0
         self._sampler = None
         self._iter = None
@@ -271,14 +272,20 @@ class BatchStream:
     def configure(self, audio_ratio: float, difficulties: list[str] | None) -> None:
         """Change the mix (a curriculum stage); the stream continues from a fresh epoch order."""
         diffs = sorted(difficulties) if difficulties else None
-        if self._sampler is not None and (audio_ratio, diffs) == (self.audio_ratio, self.difficulties):
+        # compared with what was asked, not with a fallback in effect: asking again for the same stage (a resume
+        # re-applies its stage) is no change, and must not start a new epoch
+        if self._sampler is not None and (audio_ratio, diffs) == (self.audio_ratio, self.requested):
             return
-        self.audio_ratio, self.difficulties = audio_ratio, diffs
+        self.audio_ratio, self.requested = audio_ratio, diffs
         if self._sampler is not None:  # a real change mid-run: next epoch of the new mix
             self.epoch, self.position = self.epoch + 1, 0
         self._build()
 
     def _build(self) -> None:
+        self.difficulties = self.requested
+        self._build_sampler()
+
+    def _build_sampler(self) -> None:
         pools = {"audio": any(s.audio is not None for s in self.dataset.samples),
                  "other": any(s.audio is None for s in self.dataset.samples)}
         ratio = self.audio_ratio if pools["other"] else 1.0  # only audio-bearing data: every slot has audio
@@ -302,7 +309,7 @@ class BatchStream:
             log.warning("no full batch of %d with audio_ratio=%s among difficulties %s%s: ignoring the difficulty "
                         "filter", self.batch_size, ratio, self.difficulties, f" ({empty})" if empty else "")
             self.difficulties = None
-            return self._build()
+            return self._build_sampler()
         if len(self._sampler) == 0:
             raise ValueError(f"no full batch of {self.batch_size} can be drawn with audio_ratio={ratio} and "
                              f"difficulties={self.difficulties} from {len(self.dataset.samples)} samples")
@@ -344,10 +351,10 @@ class BatchStream:
             return batch
 
     def state_dict(self) -> dict:
-        return {"audio_ratio": self.audio_ratio, "difficulties": self.difficulties, "epoch": self.epoch,
+        return {"audio_ratio": self.audio_ratio, "difficulties": self.requested, "epoch": self.epoch,
                 "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.audio_ratio, self.difficulties = state["audio_ratio"], state["difficulties"]
+        self.audio_ratio, self.requested = state["audio_ratio"], state["difficulties"]
         self._build()
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -138,12 +138,13 @@ class Trainer:
         (training would append to its ``metrics.jsonl``, reuse its ``fisher.safetensors`` and leave its
         checkpoints for a later ``--resume`` to pick up)."""
         found = previous_run_outputs(self.out)
-        if not found:
-            return
-        if not self.overwrite:
+        if found and not self.overwrite:
             raise RunFolderError(f"{self.out} already holds a training run ({', '.join(found)}): pass --resume to "
                                  f"continue it, --overwrite to replace it, or another --output-dir")
-        if self.main:
+        # every rank looks before rank 0 deletes, and every rank meets the barrier after: a rank that looked after
+        # the deletion found nothing, skipped the barrier and paired its next collective with the wrong one
+        self.acc.wait_for_everyone()
+        if found and self.main:
             log.warning("--overwrite: removing the earlier run's %s from %s", ", ".join(found), self.out)
             for name in found:
                 path = self.out / name
@@ -263,6 +264,10 @@ class Trainer:
         # update) and its clip_grad_norm_ unscales only the optimizers it prepared (unprepared, one fp16 process
         # clipped gradients still x65536). Otherwise one process keeps the bare optimizer: the wrapper would add
         # ~0.5 ms of Python to a demo step (bench/step_overhead.py) and do nothing.
+        # accelerate keeps every optimizer and model it prepared, and its clip_grad_norm_ unscales all of them: the
+        # earlier phases' are dropped first, or fp16 divided a parameter trained in several phases (the projector)
+        # by the loss scale once per phase (free_memory: accelerate's own "between two trainings")
+        self.acc.free_memory()
         if self.acc.num_processes > 1:
             model, optim = self.acc.prepare(_TouchAllTrainable(self.model), optim)
         else:
@@ -519,7 +524,9 @@ class Trainer:
                 if self.phase_flops is not None:
                     logs["mfu"] = mfu(self.phase_flops, dt, self.peak_flops)
                 logs.update(step=st.global_step, phase=index + 1, stage=self._stage_index(phase),
-                            audio_ratio=stream.audio_ratio, samples_per_s=n / dt, tokens_per_s=n_tok / dt,
+                            # the run's throughput: every rank steps the same batch size (this rank's count x ranks)
+                            audio_ratio=stream.audio_ratio, samples_per_s=n * self.acc.num_processes / dt,
+                            tokens_per_s=n_tok * self.acc.num_processes / dt,
                             peak_memory_mb=_peak_memory_mb(), **{f"weights/{k}": v for k, v in asdict(w).items()},
                             **lrs)
                 drift = self._param_drift()
@@ -837,6 +844,8 @@ class Trainer:
         path = ckpt.find_latest(self.out) if self.resume == "latest" else Path(self.resume)
         if path is None:
             log.info("resume=latest: no checkpoint in %s, starting fresh", self.out)
+            if self.main:  # what a run that died before its first checkpoint logged: not appended to again
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
             return None
         _, _, train_state = ckpt.load_checkpoint(path, optimizer=None, scheduler=None, restore_rng=False)
         self.state = TrainState(**train_state)
@@ -844,6 +853,10 @@ class Trainer:
             self.curriculum.load_state_dict(self.state.curriculum)
         if self.main:
             _truncate_jsonl(self.out / "metrics.jsonl", self.state.global_step, self.state.phase)
+            dropped = ckpt.drop_after(self.out, self.state.global_step)
+            if dropped:
+                log.warning("--resume %s: removed the %d later checkpoint(s) of the run it abandons (%s), as its "
+                            "metrics.jsonl is cut there", path, len(dropped), ", ".join(p.name for p in dropped))
         log.info("resuming from %s (step %d, phase %d)", path, self.state.global_step, self.state.phase + 1)
         return path
 
