@@ -66,7 +66,8 @@ def prepare_item(question: str, image=None, audio=None, *, sampling_rate: int, m
     if not isinstance(question, str):
         raise InputError(f"{where}: field 'question' must be a string, got {type(question).__name__}")
     for field, value in (("image", image), ("audio", audio)):
-        if isinstance(value, (str, Path)) and not str(value).strip():  # Path("") is the working directory
+        # "" (and Path(""), which is Path(".")) would read the working directory as a frame folder or a clip
+        if (isinstance(value, str) and not value.strip()) or (isinstance(value, Path) and str(value) == "."):
             raise InputError(f"{where}: field {field!r} is an empty path (leave it out, or null, for none)")
     item = {"question": question, "answer": None, "image": None, "meta": {}}
     if image is not None:
@@ -146,12 +147,14 @@ class SAFE:
         """The rate raw waveforms given as arrays must have."""
         return self.processor.sampling_rate
 
-    def prepare(self, question: str, image=None, audio=None, *, where: str = "input") -> dict:
+    def prepare(self, question: str, image=None, audio=None, *, where: str = "input",
+                max_new_tokens: int | None = None) -> dict:
         """Load one request into a collate item (:func:`prepare_item` at this model's rate and clip length), its
-        prompt checked to leave room for :attr:`max_new_tokens` in the language model's positions."""
+        prompt checked to leave room for ``max_new_tokens`` (None: :attr:`max_new_tokens`) in the language model's
+        positions."""
         item = prepare_item(question, image, audio, sampling_rate=self.sampling_rate,
                             max_seconds=self.cfg.data.max_audio_seconds, where=where)
-        self._check_length(item, self.max_new_tokens, where)
+        self._check_length(item, max_new_tokens or self.max_new_tokens, where)
         return item
 
     def _check_length(self, item: dict, max_new_tokens: int, where: str) -> None:
@@ -159,7 +162,7 @@ class SAFE:
         if limit is None:
             return
         n = len(self.processor.encode(item["question"], None, has_image=item.get("image") is not None,
-                                      has_audio=item.get("waveform") is not None).input_ids)
+                                      has_audio=item.get("waveform") is not None, count=False).input_ids)
         if n + max_new_tokens > limit:
             raise InputError(f"{where}: field 'question': the prompt takes {n} positions (media placeholders "
                              f"included) and max_new_tokens={max_new_tokens} more, beyond the language model's "
@@ -184,7 +187,8 @@ class SAFE:
             ValueError: ``max_new_tokens`` < 1 (None: the default).
         """
         _count("max_new_tokens", max_new_tokens)
-        return self.generate_items([self.prepare(question, image, audio)], max_new_tokens=max_new_tokens)[0]
+        item = self.prepare(question, image, audio, max_new_tokens=max_new_tokens)
+        return self.generate_items([item], max_new_tokens=max_new_tokens)[0]
 
     def answer_batch(self, requests: list[dict], *, batch_size: int | None = None,
                      max_new_tokens: int | None = None) -> list[str]:
@@ -209,7 +213,8 @@ class SAFE:
             unknown = unknown_fields_error(req, where)
             if unknown:
                 raise InputError(unknown)
-            items.append(self.prepare(req["question"], req.get("image"), req.get("audio"), where=where))
+            items.append(self.prepare(req["question"], req.get("image"), req.get("audio"), where=where,
+                                      max_new_tokens=max_new_tokens))
         out: list[str] = []
         for start in range(0, len(items), size):
             out.extend(self.generate_items(items[start:start + size], max_new_tokens=max_new_tokens))

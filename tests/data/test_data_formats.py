@@ -298,6 +298,15 @@ def test_vqav2_duplicates_and_empty_strings_are_bad_entries(tmp_path, caplog):
     # two empty human answers of ten do not reject the question: they match no prediction, as officially
     assert [s.id for s in result.samples] == ["42000", "42001", "73000", "73002"]
     assert result.samples[3].answers.count("") == 2 and "1 question(s) have an empty human answer" in caplog.text
+    # the front answer is the training target: an empty one is never put there, and all-empty answers are bad
+    from safe_av.data.records import ReadResult
+
+    ann = {**anns["annotations"][2], "multiple_choice_answer": "2", "answers": fx.vqa_answers([""] + ["two"] * 9)}
+    answers, _, _ = vqav2._parse_annotation(ann, "x", ReadResult())
+    assert answers[0] == "two" and answers.count("") == 1
+    bad = ReadResult()
+    assert vqav2._parse_annotation({**ann, "answers": fx.vqa_answers([""] * 10)}, "x", bad) is None
+    assert bad.bad[0].reason == "every human answer is empty"
     assert result.samples[1].answers[0] == "no"  # the first annotation is used, not the later duplicate
     got = [(b.where.split("json")[-1], b.field, b.value, b.reason) for b in result.bad]
     assert got == [

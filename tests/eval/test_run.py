@@ -522,6 +522,9 @@ def test_user_text_never_becomes_a_placeholder_and_a_long_question_keeps_its_ans
     short = type(proc)(**{**proc.__dict__, "max_length": 12, "stats": {"truncated": 0}})
     cut = short.encode("why " * 40, None, has_image=False, has_audio=False)
     assert short.stats["truncated"] == 1 and cut.input_ids[-len(cue):] == cue and len(cut.input_ids) <= 12 + 1
+    before = dict(loaded.processor.stats)
+    loaded.answer("why " * 600, image=image)  # cut once, counted once (the API's length checks do not count)
+    assert loaded.processor.stats["truncated"] == before.get("truncated", 0) + 1
 
 
 def test_inputs_the_api_refuses_with_the_field_named(loaded, media, tmp_path):
@@ -535,10 +538,21 @@ def test_inputs_the_api_refuses_with_the_field_named(loaded, media, tmp_path):
         loaded.answer("Which?", image="")
     with pytest.raises(InputError, match=r"input: field 'audio' is an empty path"):
         loaded.answer("Which?", audio="")
+    from pathlib import Path
+
+    with pytest.raises(InputError, match=r"input: field 'image' is an empty path"):  # Path("") is Path(".")
+        loaded.answer("Which?", image=Path(""))
     limit = loaded.model.base.max_positions
     with pytest.raises(InputError, match=rf"field 'question': the prompt takes \d+ positions .*beyond the language "
                                          rf"model's {limit}"):
         loaded.answer("Which?", image=image, max_new_tokens=limit)
+    # the check uses the max_new_tokens the call will use, not the default: a prompt that leaves room for 2 but
+    # not for the default is answered with 2
+    n = len(loaded.processor.encode("Which?", None, has_image=True, has_audio=False).input_ids)
+    tight = type(loaded)(loaded.loaded, max_new_tokens=limit - n + 1)
+    with pytest.raises(InputError, match="beyond the language model"):
+        tight.answer("Which?", image=image)
+    assert isinstance(tight.answer("Which?", image=image, max_new_tokens=2), str)
     with pytest.raises(InputError, match=r"item 1: field 'audio': expected a non-empty finite 1-D waveform"):
         loaded.model.generate([None, None], [None, np.zeros((16000, 2), np.float32)], ["a", "b"],
                               processor=loaded.processor)

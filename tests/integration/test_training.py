@@ -84,13 +84,19 @@ class _LongerOnResume(Trainer):
         return optim, sched, stream, steps + (5 if resumed else 0)
 
 
-def test_resume_keeps_the_phase_length_it_started_with(full_run):
-    cfg, tmp, _ = full_run
-    run = tmp / "longer"
+def test_resume_keeps_the_length_an_epoch_based_phase_started_with(small_corpus, tmp_path):
+    phases = ("[{name: p1, train: [projector], lr: {projector: 1.0e-3}, datasets: {audiocaps: 1.0}, max_steps: 2, "
+              "batch_size: 4}, {name: p2, train: [projector, fusion], lr: {projector: 1.0e-3, fusion: 1.0e-3}, "
+              "datasets: {musicavqa: 1.0, vqav2: 1.0}, epochs: 1, batch_size: 4, curriculum: true}]")
+    cfg = tiny_train_config(small_corpus, tmp_path, **{"train.phases": phases, "train.checkpoint_every": 1,
+                                                       "data.feature_cache": f"{tmp_path}/f"})
+    Trainer(cfg, tmp_path / "ref").train()
+    assert len(_losses(tmp_path / "ref")) > 4
+    run = tmp_path / "run"
     with pytest.raises(Stopped):
         Trainer(cfg, run, stop_after=4).train()  # in phase 2
     _LongerOnResume(cfg, run, resume="latest").train()
-    assert sorted(_losses(run)) == sorted(_losses(tmp / "run"))  # 9 steps, not 14
+    assert sorted(_losses(run)) == sorted(_losses(tmp_path / "ref"))  # not 5 steps more
 
 
 def test_retention_is_tracked_in_a_base_training_phase_without_curriculum(small_corpus, tmp_path):

@@ -89,8 +89,10 @@ class SAFEProcessor:
         # token (a question naming "<audio>" gave one placeholder more than there were audio embeddings)
         return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
-    def encode(self, question: str, answer: str | None, *, has_image: bool, has_audio: bool) -> Encoded:
-        """Token ids and labels for one sample (``answer=None`` at inference)."""
+    def encode(self, question: str, answer: str | None, *, has_image: bool, has_audio: bool,
+               count: bool = True) -> Encoded:
+        """Token ids and labels for one sample (``answer=None`` at inference); ``count=False``: a look at the length
+        (the API's check), not counted in ``stats`` nor logged."""
         tok = self.tokenizer
         media = [self.image_token_id] * (self.num_image_tokens if has_image else 0)
         audio = [self.audio_token_id] * (self.num_audio_tokens if has_audio else 0)
@@ -110,8 +112,8 @@ class SAFEProcessor:
             raise ValueError(f"data.max_text_length={self.max_length}: too short for a {len(answer_ids)}-token answer")
         truncated = len(prompt) > room
         if truncated:  # cut the question, keep the template's answer cue ("Answer:", "ASSISTANT:")
-            self.stats["truncated"] += 1
-            prompt = self._cut_prompt(question, room)
+            self.stats["truncated"] += int(count)
+            prompt = self._cut_prompt(question, room, log_it=count)
         if late:
             prompt = prompt + audio
         ids = head + prompt + tail
@@ -120,14 +122,14 @@ class SAFEProcessor:
         labels = [-100] * (len(head) + len(prompt)) + answer_ids
         return Encoded(ids, labels, truncated)
 
-    def _cut_prompt(self, question: str, room: int) -> list[int]:
+    def _cut_prompt(self, question: str, room: int, *, log_it: bool = True) -> list[int]:
         """The prompt's ids within ``room``: the template around the question's first tokens (tokenized in pieces;
         only an over-long question gets here). Logged once per process."""
         marker = "\x00"
         before, after = self.prompt(marker).split(marker)
         head, tail = self._ids(before.rstrip()), self._ids(after)
         keep = max(room - len(head) - len(tail), 0)
-        if not _WARNED_TRUNCATION:
+        if log_it and not _WARNED_TRUNCATION:
             _WARNED_TRUNCATION.append(True)
             log.warning("a question longer than data.max_text_length=%d tokens is cut to its first %d tokens (the "
                         "prompt's answer cue is kept; every cut is counted: processor.stats['truncated'])",

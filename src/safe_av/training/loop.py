@@ -50,6 +50,8 @@ class TrainState:
     phase_steps: int | None = None
     """The current phase's length, fixed when it starts: an epoch-based phase's length depends on the curriculum
     stage then in force, so a resume (at a later stage) must not recompute it. None: a checkpoint from before."""
+    phase_epochs: float | None = None
+    """The ``epochs`` that length came from: a resume whose config changed them recomputes it."""
     stream: dict | None = None
     curriculum: dict | None = None
     skipped_samples: int = 0
@@ -495,9 +497,12 @@ class Trainer:
         self.phase_flops, self.peak_flops = self._phase_flops(index)
         if resume_from is not None:
             self._restore(resume_from, optim, sched, stream)
-            steps = st.phase_steps if st.phase_steps is not None else steps
+            # an epoch-based phase keeps the length it started with, unless the config changed its epochs (a
+            # max_steps phase takes the config's count: nothing about it depends on the stage)
+            if not phase.max_steps and st.phase_steps is not None and st.phase_epochs == phase.epochs:
+                steps = st.phase_steps
         else:
-            st.phase, st.phase_step, st.phase_steps = index, 0, steps
+            st.phase, st.phase_step, st.phase_steps, st.phase_epochs = index, 0, steps, phase.epochs
             st.phase_starts[str(index)] = st.global_step
             first_curriculum_phase = phase.curriculum and not any(p.curriculum for p in cfg.train.phases[:index])
             if first_curriculum_phase and self.curriculum is not None:
@@ -524,7 +529,8 @@ class Trainer:
                 if self.phase_flops is not None:
                     logs["mfu"] = mfu(self.phase_flops, dt, self.peak_flops)
                 logs.update(step=st.global_step, phase=index + 1, stage=self._stage_index(phase),
-                            # the run's throughput: every rank steps the same batch size (this rank's count x ranks)
+                            # the run's throughput, estimated as this rank's count x the ranks (they step the same
+                            # batch size; skipped samples and token counts differ a little between ranks)
                             audio_ratio=stream.audio_ratio, samples_per_s=n * self.acc.num_processes / dt,
                             tokens_per_s=n_tok * self.acc.num_processes / dt,
                             peak_memory_mb=_peak_memory_mb(), **{f"weights/{k}": v for k, v in asdict(w).items()},

@@ -197,5 +197,12 @@ def _parse_annotation(ann: dict | None, where: str, result: ReadResult) -> tuple
     if mca in answers:  # move one copy to the front; the multiset is unchanged
         answers.remove(mca)
         answers.insert(0, mca)
+    elif not answers[0].strip():  # the front answer is the training target: never an empty one
+        first = next((a for a in answers if a.strip()), None)
+        if first is None:
+            result.bad.append(BadEntry(where, "answers", raw, "every human answer is empty"))
+            return None
+        answers.remove(first)
+        answers.insert(0, first)
     extra = {"question_type_vqa": ann.get("question_type"), "multiple_choice_answer": mca}
     return answers, answer_type, extra
