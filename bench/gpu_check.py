@@ -56,20 +56,6 @@ def _config(name: str, tmp: Path, args):
     return load_config(C.ROOT / "configs" / f"{name}.yaml", ov)
 
 
-def _keep_fp32(model, dtype: torch.dtype) -> None:
-    """What ``from_pretrained(dtype=...)`` does with a model's ``_keep_in_fp32_modules`` (BLIP-2's Q-Former and query
-    tokens): transformers 5.x keeps them in fp32 under float16 only (``PreTrainedModel._get_dtype_plan``); under
-    bf16 they are bf16 like the rest. (The session-1 H100 run kept them in fp32 under bf16 too.)"""
-    if dtype != torch.float16:
-        return
-    for attr in getattr(model, "_keep_in_fp32_modules", None) or []:
-        mod = getattr(model, attr, None)
-        if isinstance(mod, torch.nn.Module):
-            mod.float()
-        elif isinstance(mod, torch.nn.Parameter):
-            mod.data = mod.data.float()
-
-
 def _real_base(cfg, texts, device):
     from transformers import (Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessorPil,
                               CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor)
@@ -91,9 +77,10 @@ def _real_base(cfg, texts, device):
                 model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(old)
-    model = model.to(dtype=torch.bfloat16)  # sub-configs carry their checkpoint's dtype (OPT: float16)
+    # sub-configs carry their checkpoint's dtype (OPT: float16); the Q-Former too goes to bf16, as
+    # from_pretrained(dtype=bf16) leaves it (transformers keeps _keep_in_fp32_modules in fp32 under float16 only)
+    model = model.to(dtype=torch.bfloat16)
     if config.model_type == "blip-2":
-        _keep_fp32(model, torch.bfloat16)
         proc = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": s, "width": s}), tokenizer=tok,
                               num_query_tokens=config.num_query_tokens)
     else:
@@ -148,7 +135,6 @@ def make_trainer_class():
             if self.tiny:
                 model, proc = build_tiny_base(cfg.model.base, texts, seed=cfg.model.tiny_seed)
                 model = model.to(device=device, dtype=torch.bfloat16)
-                _keep_fp32(model, torch.bfloat16)
                 amodel, fe = build_tiny_audio(cfg.model.audio_encoder, seed=cfg.model.tiny_seed + 1)
                 amodel = amodel.to(device=device, dtype=torch.bfloat16)
             else:
