@@ -217,6 +217,15 @@ def _best(complete: list[tuple[int, Path]]) -> Path | None:
     return max(same, key=lambda pv: sign * pv[1])[0]
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder, its ``COMPLETE`` first: rmtree deletes in directory order, and a crash part-way
+    must not leave a folder that still says complete while its weights are gone (``find_latest`` would pick it,
+    and loading it fail)."""
+    (path / COMPLETE).unlink(missing_ok=True)
+    _fsync_dir(path)
+    shutil.rmtree(path)
+
+
 def drop_after(run_dir: str | os.PathLike, step: int) -> list[Path]:
     """Remove the complete checkpoints of ``run_dir`` saved after ``step``: a run resumed from an earlier checkpoint
     abandons them (its metrics.jsonl is cut there too), and ``find_latest`` must not return to them after a crash.
@@ -224,8 +233,7 @@ def drop_after(run_dir: str | os.PathLike, step: int) -> list[Path]:
     removed = []
     for s, path in _complete(Path(run_dir) / "checkpoints"):
         if s > step:
-            (path / COMPLETE).unlink(missing_ok=True)
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
             removed.append(path)
     return removed
 
@@ -254,7 +262,7 @@ def _rotate(root: Path, keep_last: int, current: Path) -> None:
         keep.add(best)
     for _, p in complete:
         if p not in keep:
-            shutil.rmtree(p)
+            _remove(p)
     for p in root.iterdir():  # crash leftovers: tmp folders and step folders never completed
         leftover = p.name.startswith(_TMP_PREFIX) or (
             _STEP_DIR.match(p.name) and not (p / COMPLETE).exists()
@@ -282,11 +290,7 @@ def _check_save_args(step: int, keep_last: int, best_metric: Metric | None) -> N
 def _publish(tmp: Path, final: Path) -> None:
     """Atomically move the finished temporary folder to its final name."""
     if final.exists():  # re-saving a step (e.g. after resuming from it): replace it
-        # COMPLETE goes first: rmtree deletes in directory order, and a crash part-way must not leave a folder that
-        # still says complete while its weights are gone (find_latest would pick it, and loading it fail)
-        (final / COMPLETE).unlink(missing_ok=True)
-        _fsync_dir(final)
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
 
