@@ -170,12 +170,11 @@ class SAFE:
 
     @torch.no_grad()
     def generate_items(self, items: list[dict], *, max_new_tokens: int | None = None) -> list[str]:
-        """Answers for items made by :meth:`prepare` (one batch)."""
+        """Answers for items made by :meth:`prepare` (one batch). Their prompts were checked there against the
+        ``max_new_tokens`` given to it; a larger one here that leaves no room is the model's ``ValueError``."""
         if not items:
             return []
         max_new_tokens = _count("max_new_tokens", max_new_tokens, self.max_new_tokens)
-        for i, item in enumerate(items):
-            self._check_length(item, max_new_tokens, f"item {i}")
         batch = move_batch(self.processor.collate(items), self.model.device)
         return self.model.generate_from_batch(batch, max_new_tokens=max_new_tokens)
 
