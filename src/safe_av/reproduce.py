@@ -606,7 +606,6 @@ def aggregate(results: dict[str, list[dict]]) -> dict:
         tables = [row.get("avqa_table") or {} for row in rows]
         keys = list(dict.fromkeys(k for t in tables for k in t))
         entry["avqa_table"] = {k: _stats([t.get(k) for t in tables]) for k in keys}
-        entry["by_seed"] = {row.get("seed"): row for row in rows}  # for paired differences between variants
         entry["runs"] = sum(1 for row in rows if row.get("divergent") is not None)  # errored runs not counted
         entry["divergent_runs"] = sum(1 for row in rows if row.get("divergent"))
         entry["errors"] = [r.get("error") for r in runs if r.get("status") == "error"]
@@ -620,15 +619,20 @@ def _mean(agg: dict, variant: str, key: str):
     return (agg.get(variant, {}).get(key) or {}).get("mean")
 
 
-def comparisons(agg: dict) -> dict:
-    """The spec's derived claims, computed from our runs (None where a side is missing)."""
+def comparisons(agg: dict, results: dict[str, list[dict]]) -> dict:
+    """The spec's derived claims, computed from our runs (None where a side is missing); ``results``: the runs
+    per variant, which the ablation deltas pair seed by seed."""
+
+    def by_seed(variant):
+        runs = results.get(ALIASES.get(variant, variant), [])
+        return {r["metrics"].get("seed"): r["metrics"] for r in runs if r.get("metrics")}
 
     def ratio(a, b):
         return a / b if (a is not None and b) else None
 
     def paired(variant, key):
         """variant - safe on the seeds both have a value for: mean, std and n of the per-seed differences."""
-        mine, safe = agg.get(variant, {}).get("by_seed", {}), agg.get("safe", {}).get("by_seed", {})
+        mine, safe = by_seed(variant), by_seed("safe")
         diffs = [mine[s][key] - safe[s][key] for s in sorted(set(mine) & set(safe), key=str)
                  if all(isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) for r in (mine[s], safe[s]))]
         return _stats(diffs)
@@ -917,7 +921,7 @@ def main(args) -> int:
               f"R@5={_show(m.get('retrieval_r5'))} (elapsed {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left)",
               flush=True)
     agg = aggregate(results)
-    comp = comparisons(agg)
+    comp = comparisons(agg, results)
     safe_runs = [r["metrics"] for r in results["safe"] if r.get("metrics")]
 
     def first(key):

@@ -261,7 +261,7 @@ def test_ablation_deltas_are_paired_and_failed_runs_are_not_counted_as_stable():
                                   run("naive_finetune", 1, None, status="error"),
                                   run("naive_finetune", 2, None, status="error")]}
     agg = aggregate(results)
-    comp = comparisons(agg)
+    comp = comparisons(agg, results)
     assert comp["no_fisher_retention_delta"] == pytest.approx(0.0)  # unpaired means gave -0.023
     assert comp["paired"]["no_fisher_retention"] == {"mean": pytest.approx(0.0), "std": pytest.approx(0.0), "n": 2}
     assert agg["naive_finetune"]["runs"] == 1 and agg["naive_finetune"]["divergent_runs"] == 1
