@@ -88,14 +88,14 @@ def load_image(path: str | Path) -> Image.Image:
                 img.load()  # decode now: a truncated body fails here, not later
                 if img.mode not in WIDE_MODES:
                     return img.convert("RGB")
-                mode, pixels = img.mode, np.asarray(img)
+                wide = img.copy()  # rescaled below, outside the decoder's catch-all (a NaN pixel is its own error)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise _bomb_error(file, err) from err
     except MemoryError:  # the machine, not the file
         raise
     except Exception as err:  # noqa: BLE001 - PIL's decoders raise many types (struct.error, IndexError, ...)
         raise ImageError(file, "image", file.name, f"unreadable or corrupt image ({_describe(err)})") from err
-    return Image.fromarray(to_uint8(pixels, mode, file)).convert("RGB")
+    return pil_to_rgb(wide, file)
 
 
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
